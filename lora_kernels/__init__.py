@@ -1,0 +1,16 @@
+"""lora_kernels: exact, fused LoRA layers for PyTorch (Triton on CUDA, plain PyTorch elsewhere).
+
+``y = x W^T + b + scaling * (dropout(x) A) B``
+"""
+
+from . import function, reference, torch_path  # noqa: F401  (public submodules)
+from .function import LoRALinearFunction, lora_linear
+from .layer import LoRALayer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRALayer",
+    "LoRALinearFunction",
+    "lora_linear",
+]

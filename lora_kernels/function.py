@@ -1,0 +1,251 @@
+"""``LoRALinearFunction`` and ``lora_linear``: validation, backend dispatch, what backward keeps.
+
+Data flows one way: ``LoRALayer`` -> here (validate once, pick a backend) -> ``torch_path`` or the
+Triton kernels. Everything a user can get wrong is checked here, before any computation, and
+reported with the sizes / dtypes / devices involved.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+
+import torch
+
+from . import torch_path
+
+BACKENDS = ("auto", "triton", "torch")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Philox seeds are 64-bit; keep them non-negative so every backend reads them the same way.
+_SEED_LIMIT = 2**63
+
+
+def triton_interpreter_enabled() -> bool:
+    """Whether ``TRITON_INTERPRET`` is set (Triton's own truthy spellings)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def resolve_backend(x: torch.Tensor, backend: str = "auto") -> str:
+    """The backend a call with input ``x`` runs on: ``"triton"`` or ``"torch"``.
+
+    Raises ``ValueError`` for an unknown backend, or for ``"triton"`` on tensors it can't run.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        # The Triton kernels arrive with issue 3; until then every call takes the torch path.
+        return "torch"
+    if x.device.type != "cuda" and not triton_interpreter_enabled():
+        raise ValueError(
+            f"backend='triton' needs a CUDA device, but the tensors are on {x.device}; "
+            "use backend='torch' (or 'auto'), or set TRITON_INTERPRET=1 before triton is "
+            "imported to run the kernels in Triton's CPU interpreter"
+        )
+    raise NotImplementedError("backend='triton': the Triton kernels are not available yet")
+
+
+def _check_tensor(name: str, t: object, dims: int | None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+
+
+def validate(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int | None,
+    backend: str,
+) -> str:
+    """Check every argument of ``lora_linear``; return the backend to run on."""
+    _check_tensor("x", x, None)
+    _check_tensor("weight", weight, 2)
+    _check_tensor("lora_A", lora_A, 2)
+    _check_tensor("lora_B", lora_B, 2)
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (..., in_features), got a scalar")
+
+    n_out, k_in = weight.shape
+    if x.shape[-1] != k_in:
+        raise ValueError(
+            f"x has last dimension {x.shape[-1]} but the layer has in_features={k_in} "
+            f"(weight shape {tuple(weight.shape)}, x shape {tuple(x.shape)})"
+        )
+    if lora_A.shape[0] != k_in:
+        raise ValueError(
+            f"lora_A has shape {tuple(lora_A.shape)}: expected ({k_in}, rank), its first "
+            f"dimension must equal in_features={k_in} of weight {tuple(weight.shape)}"
+        )
+    if lora_B.shape[1] != n_out:
+        raise ValueError(
+            f"lora_B has shape {tuple(lora_B.shape)}: expected (rank, {n_out}), its second "
+            f"dimension must equal out_features={n_out} of weight {tuple(weight.shape)}"
+        )
+    if lora_A.shape[1] != lora_B.shape[0]:
+        raise ValueError(
+            f"rank mismatch: lora_A {tuple(lora_A.shape)} has rank {lora_A.shape[1]} but "
+            f"lora_B {tuple(lora_B.shape)} has rank {lora_B.shape[0]}"
+        )
+    if lora_A.shape[1] < 1:
+        raise ValueError(f"rank must be a positive int, got lora_A of shape {tuple(lora_A.shape)}")
+    if bias is not None and bias.shape[0] != n_out:
+        raise ValueError(
+            f"bias has {bias.shape[0]} elements but out_features={n_out} "
+            f"(weight shape {tuple(weight.shape)})"
+        )
+
+    named = [("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
+    if bias is not None:
+        named.append(("bias", bias))
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"x has dtype {x.dtype}; supported dtypes are "
+            + ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        )
+    for name, t in named[1:]:
+        if t.dtype != x.dtype:
+            raise TypeError(
+                f"dtype mismatch: x is {x.dtype} but {name} is {t.dtype}; "
+                "cast them to one dtype (e.g. layer.to(x.dtype))"
+            )
+    for name, t in named[1:]:
+        if t.device != x.device:
+            raise ValueError(
+                f"device mismatch: x is on {x.device} but {name} is on {t.device}; "
+                "move them to one device"
+            )
+
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a real number, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        if not 0 <= seed < _SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return resolve_backend(x, backend)
+
+
+def draw_seed() -> int:
+    """A dropout seed from PyTorch's default generator, so ``torch.manual_seed`` reproduces runs."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """``y = x W^T + b + scaling * (dropout(x) A) B`` with a hand-written, memory-lean backward.
+
+    ``apply(x, weight, bias, lora_A, lora_B, scaling=1.0, dropout_p=0.0, seed=None,
+    backend="auto")``; shapes as in :func:`lora_linear`. Saved for backward: ``x`` (by reference,
+    only when ``dA`` or ``dW`` is needed), the weights (parameters, no copies), ``S = dropout(x) A``
+    (``(M, r)``, only when ``dB`` is needed) and the dropout seed; never a dropped copy of ``x``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        scaling=1.0,
+        dropout_p=0.0,
+        seed=None,
+        backend="auto",
+    ):
+        backend = validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+        scaling, dropout_p = float(scaling), float(dropout_p)
+        if dropout_p > 0.0 and seed is None:
+            seed = draw_seed()
+        seed = 0 if seed is None else int(seed)
+
+        k_in, n_out = weight.shape[1], weight.shape[0]
+        # reshape, not view: a copy only where x's strides can't be flattened.
+        x2 = x.reshape(-1, k_in)
+        y2, S = torch_path.forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+        _, need_w, _, need_a, need_lb = ctx.needs_input_grad[:5]
+        ctx.save_for_backward(
+            x if (need_a or need_w) else None,
+            weight,
+            lora_A,
+            lora_B,
+            S if need_lb else None,
+        )
+        ctx.x_shape = x.shape
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
+        return y2.reshape(*x.shape[:-1], n_out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, S = ctx.saved_tensors
+        k_in, n_out = weight.shape[1], weight.shape[0]
+        dy2 = dy.reshape(-1, n_out)
+        x2 = None if x is None else x.reshape(-1, k_in)
+        dx, dw, db, da, dlb = torch_path.backward(
+            dy2,
+            x2,
+            weight,
+            lora_A,
+            lora_B,
+            S,
+            ctx.scaling,
+            ctx.dropout_p,
+            ctx.seed,
+            tuple(ctx.needs_input_grad[:5]),
+        )
+        if dx is not None:
+            dx = dx.reshape(ctx.x_shape)
+        return dx, dw, db, da, dlb, None, None, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float = 1.0,
+    *,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``y = x W^T + b + scaling * (dropout(x) A) B``, differentiable in every tensor.
+
+    Args:
+        x: ``(..., K)`` input of any leading shape.
+        weight: ``(N, K)`` base weight (``nn.Linear.weight``).
+        bias: ``(N,)`` base bias or ``None``.
+        lora_A: ``(K, r)`` LoRA down-projection.
+        lora_B: ``(r, N)`` LoRA up-projection.
+        scaling: ``s``, the factor on the LoRA branch.
+        dropout_p: dropout probability on the LoRA branch's input, in ``[0, 1)``.
+        seed: dropout seed; ``None`` draws one from PyTorch's default generator.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``(..., N)`` tensor of ``x``'s dtype.
+
+    Example::
+
+        >>> x = torch.randn(8, 64)
+        >>> W, A, B = torch.randn(10, 64), torch.randn(64, 4), torch.randn(4, 10)
+        >>> lora_linear(x, W, None, A, B, scaling=0.5).shape
+        torch.Size([8, 10])
+    """
+    return LoRALinearFunction.apply(
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend
+    )

@@ -1,0 +1,226 @@
+"""``LoRALayer``: a drop-in replacement for ``nn.Linear`` with a trainable low-rank update."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import nn
+
+from .function import lora_linear
+
+INITS = ("lora", "gaussian", "seed")
+
+
+def _check_rank(rank: object) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    return int(rank)
+
+
+def _check_dropout(dropout: object) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+        raise TypeError(f"dropout must be a real number in [0, 1), got {type(dropout).__name__}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return float(dropout)
+
+
+def lora_scaling(rank: int, alpha: float | None, use_rslora: bool) -> float:
+    """``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA); ``1.0`` when ``alpha`` is ``None``."""
+    if alpha is None:
+        return 1.0
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a real number or None, got {type(alpha).__name__}")
+    return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
+
+
+class LoRALayer(nn.Module):
+    r"""A frozen ``nn.Linear`` plus a trainable low-rank update (LoRA, Hu et al. 2021).
+
+    .. math::
+
+        y = x W^T + b + s \cdot (\mathrm{dropout}(x) A) B
+
+    ``W`` and ``b`` (``self.linear``) are frozen; only ``lora_A`` and ``lora_B`` train. On CUDA
+    the forward and backward run as fused Triton kernels, elsewhere as plain PyTorch; both compute
+    the same numbers as :func:`lora_kernels.reference.lora_linear_reference`.
+
+    Args:
+        in_features: ``K``, size of each input sample.
+        out_features: ``N``, size of each output sample.
+        rank: ``r``, the inner dimension of the update (a positive int).
+        alpha: LoRA alpha; ``scaling = alpha / rank`` (``alpha / sqrt(rank)`` with
+            ``use_rslora``). ``None`` (the default) gives ``scaling = 1.0``.
+        dropout: dropout probability on the LoRA branch's input, in ``[0, 1)``, applied in
+            training mode only (peft's ``lora_dropout``).
+        bias: whether the frozen linear has a bias.
+        init: ``"lora"`` (``lora_A`` Kaiming-uniform over the input dimension, ``lora_B`` zeros:
+            a fresh layer equals its linear, as in peft), ``"gaussian"`` (``lora_A`` normal with
+            std ``1 / rank``, ``lora_B`` zeros) or ``"seed"`` (both ``torch.randn``).
+        use_rslora: rank-stabilised scaling ``alpha / sqrt(rank)``.
+        device, dtype: factory kwargs for every parameter.
+
+    Attributes:
+        linear: the frozen ``nn.Linear(in_features, out_features)``.
+        lora_A: ``(in_features, rank)`` parameter.
+        lora_B: ``(rank, out_features)`` parameter.
+        scaling: the float ``s``.
+        merged: whether the update is currently folded into ``linear.weight``.
+
+    Shape:
+        input ``(..., in_features)``, output ``(..., out_features)``, dtype kept.
+
+    Example::
+
+        >>> layer = LoRALayer(64, 10, rank=4)
+        >>> layer(torch.randn(32, 64)).shape
+        torch.Size([32, 10])
+        >>> sum(p.numel() for p in layer.parameters() if p.requires_grad)
+        296
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int = 4,
+        *,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        init: str = "lora",
+        use_rslora: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        rank = _check_rank(rank)
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self._setup(
+            nn.Linear(in_features, out_features, bias=bias, **factory_kwargs),
+            rank,
+            alpha,
+            dropout,
+            init,
+            use_rslora,
+        )
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: int = 4,
+        *,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        init: str = "lora",
+        use_rslora: bool = False,
+    ) -> LoRALayer:
+        """Wrap an existing ``nn.Linear`` (no copy: the layer's ``linear`` *is* ``linear``).
+
+        The linear's parameters are frozen in place; ``lora_A`` / ``lora_B`` are created on its
+        device with its dtype.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        rank = _check_rank(rank)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._setup(linear, rank, alpha, dropout, init, use_rslora)
+        return layer
+
+    def _setup(self, linear, rank, alpha, dropout, init, use_rslora) -> None:
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
+        self.dropout = _check_dropout(dropout)
+        self.scaling = lora_scaling(rank, alpha, use_rslora)
+        self.rank, self.alpha, self.use_rslora, self.init = rank, alpha, bool(use_rslora), init
+        self.linear = linear
+        self.linear.requires_grad_(False)
+        factory_kwargs = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(linear.in_features, rank, **factory_kwargs))
+        self.lora_B = nn.Parameter(torch.empty(rank, linear.out_features, **factory_kwargs))
+        self.merged = False
+        self.reset_parameters()
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    def reset_parameters(self) -> None:
+        """Initialise ``lora_A`` / ``lora_B`` by ``self.init``; the frozen linear is untouched."""
+        with torch.no_grad():
+            if self.init == "lora":
+                # NOTE: lora_A is stored (in, r); its transpose has peft's (r, in) layout, so
+                # Kaiming's fan_in is in_features, as in peft.
+                nn.init.kaiming_uniform_(self.lora_A.T, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B)
+            elif self.init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.rank)
+                nn.init.zeros_(self.lora_B)
+            else:
+                self.lora_A.normal_()
+                self.lora_B.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.linear(x)
+        return lora_linear(
+            x,
+            self.linear.weight,
+            self.linear.bias,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s * (A B)^T``, the ``(out, in)`` update ``merge`` adds to the weight, computed in
+        float32 (float64 for float64 layers) whatever the parameters' dtype."""
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        with torch.no_grad():
+            return (self.lora_A.to(dtype) @ self.lora_B.to(dtype)).T.mul_(self.scaling)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into ``linear.weight`` (computed in at least float32).
+
+        Forward is then a plain linear. Raises ``RuntimeError``, leaving the weight untouched, if
+        the merged weight would not be finite in the weight's dtype, or if already merged.
+        """
+        if self.merged:
+            raise RuntimeError("LoRALayer is already merged; call unmerge() first")
+        weight = self.linear.weight
+        delta = self.delta_weight()
+        merged = (weight.to(delta.dtype) + delta).to(weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise RuntimeError(
+                f"merge would make linear.weight non-finite in {weight.dtype} (scaling="
+                f"{self.scaling}); the weight is left unmerged"
+            )
+        weight.copy_(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update merged by :meth:`merge` (at least float32 arithmetic)."""
+        if not self.merged:
+            raise RuntimeError("LoRALayer is not merged; nothing to unmerge")
+        weight = self.linear.weight
+        delta = self.delta_weight()
+        weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
+            f"merged={self.merged}"
+        )

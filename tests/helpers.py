@@ -1,0 +1,93 @@
+"""Shared test helpers: input factories and the float64 comparison every test uses."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from lora_kernels.reference import lora_linear_reference
+
+# (dtype, relative error bound against float64) for the plain-PyTorch path.
+TORCH_PATH_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+GRAD_NAMES = ("x", "weight", "bias", "lora_A", "lora_B")
+
+
+def seed_for(*case) -> int:
+    """A per-case generator seed that is stable across runs (unlike ``hash`` of strings)."""
+    return zlib.crc32(repr(case).encode())
+
+
+def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
+    """Fail unless ``|out - ref| / (|ref| + mean|ref|) <= rtol`` everywhere.
+
+    ``ref`` is float64. The ``mean|ref|`` floor keeps elements that cancel to ~0 from turning a
+    tiny absolute error into a huge relative one; elsewhere this is the plain relative error.
+    On failure the message names the worst element, its value and the reference's.
+    """
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    if ref.numel() == 0:
+        return
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    scale = ref64.abs().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    err = ((out64 - ref64).abs() / (ref64.abs() + scale)).nan_to_num(nan=float("inf"))
+    worst = int(err.argmax())
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), err.shape))
+    assert err.max() <= rtol, (
+        f"{name}: relative error {err.max().item():.3e} > {rtol:.1e} at {idx}: "
+        f"got {out64[idx].item()!r}, reference {ref64[idx].item()!r}"
+    )
+
+
+def make_x(lead: tuple[int, ...], k: int, dtype: torch.dtype, layout: str, gen) -> torch.Tensor:
+    """Input of shape ``(*lead, k)``: contiguous, or a non-contiguous view of a larger tensor."""
+    if layout == "contiguous":
+        x = torch.randn(*lead, k, generator=gen, dtype=torch.float64)
+    elif layout == "strided":  # every other column of a (.., 2k) tensor
+        x = torch.randn(*lead, 2 * k, generator=gen, dtype=torch.float64)[..., ::2]
+    elif layout == "transposed":  # leading dims stored after the feature dim
+        x = torch.randn(k, *lead, generator=gen, dtype=torch.float64).movedim(0, -1)
+    else:
+        raise ValueError(layout)
+    return x.to(dtype)
+
+
+def make_params(k: int, n: int, r: int, dtype: torch.dtype, bias: bool, gen) -> dict:
+    """``weight, bias, lora_A, lora_B`` with magnitudes like a trained layer (B non-zero)."""
+
+    def rand(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(dtype)
+
+    return {
+        "weight": rand(n, k, std=k**-0.5),
+        "bias": rand(n) if bias else None,
+        "lora_A": rand(k, r, std=k**-0.5),
+        "lora_B": rand(r, n, std=r**-0.5),
+    }
+
+
+def run_with_grads(fn, x: torch.Tensor, params: dict, dy: torch.Tensor, **kwargs):
+    """Call ``fn(x, weight, bias, lora_A, lora_B, **kwargs)`` on fresh leaves requiring grad;
+    return ``(y, {name: grad})`` for every tensor input."""
+    # detach, not clone: the leaf keeps the caller's (possibly non-contiguous) strides.
+    leaves = {"x": x.detach().requires_grad_(True)}
+    for name, t in params.items():
+        leaves[name] = None if t is None else t.detach().clone().requires_grad_(True)
+    y = fn(
+        leaves["x"],
+        leaves["weight"],
+        leaves["bias"],
+        leaves["lora_A"],
+        leaves["lora_B"],
+        **kwargs,
+    )
+    y.backward(dy)
+    return y, {name: t.grad for name, t in leaves.items() if t is not None}
+
+
+def reference_with_grads(x, params, dy, scaling, **kwargs):
+    """The float64 oracle's output and gradients for the same inputs."""
+    params64 = {k: None if v is None else v.double() for k, v in params.items()}
+    return run_with_grads(
+        lora_linear_reference, x.double(), params64, dy.double(), scaling=scaling, **kwargs
+    )
