@@ -20,8 +20,8 @@ demo: $(STAMP)
 	$(PY) -m lora_kernels.demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check lora_kernels tests benchmarks
-	$(PY) -m ruff format --check lora_kernels tests benchmarks
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q
