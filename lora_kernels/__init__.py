@@ -3,7 +3,7 @@
 ``y = x W^T + b + scaling * (dropout(x) A) B``
 """
 
-from . import function, reference, torch_path  # noqa: F401  (public submodules)
+from . import function, reference, torch_path, triton_path  # noqa: F401  (public submodules)
 from .function import LoRALinearFunction, lora_linear
 from .layer import LoRALayer
 

@@ -7,6 +7,7 @@ reported with the sizes / dtypes / devices involved.
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 
@@ -16,8 +17,11 @@ from . import torch_path
 
 BACKENDS = ("auto", "triton", "torch")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Philox seeds are 64-bit; keep them non-negative so every backend reads them the same way.
-_SEED_LIMIT = 2**63
+# "auto" takes the kernels for these; float64 runs on them only when asked (backend="triton").
+AUTO_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Seeds are non-negative 31-bit ints: every backend reads them the same way, and the kernels
+# always receive an int32 (Triton types an int argument by its value).
+_SEED_LIMIT = 2**31
 
 
 def triton_interpreter_enabled() -> bool:
@@ -25,25 +29,42 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """Whether ``triton`` can be imported here (it is a Linux-only dependency)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def resolve_backend(x: torch.Tensor, backend: str = "auto") -> str:
     """The backend a call with input ``x`` runs on: ``"triton"`` or ``"torch"``.
 
-    Raises ``ValueError`` for an unknown backend, or for ``"triton"`` on tensors it can't run.
+    ``"auto"`` takes Triton for CUDA tensors of float16, bfloat16 or float32, the torch path
+    otherwise. ``"triton"`` runs every supported dtype (float64 too, without tensor cores: it is
+    how gradcheck verifies the kernels). Raises ``ValueError`` for an unknown backend, and for
+    ``"triton"`` on tensors the kernels can't reach.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        # The Triton kernels arrive with issue 3; until then every call takes the torch path.
-        return "torch"
+        use_triton = (
+            x.device.type == "cuda" and x.dtype in AUTO_TRITON_DTYPES and triton_available()
+        )
+        return "triton" if use_triton else "torch"
     if x.device.type != "cuda" and not triton_interpreter_enabled():
         raise ValueError(
             f"backend='triton' needs a CUDA device, but the tensors are on {x.device}; "
             "use backend='torch' (or 'auto'), or set TRITON_INTERPRET=1 before triton is "
             "imported to run the kernels in Triton's CPU interpreter"
         )
-    raise NotImplementedError("backend='triton': the Triton kernels are not available yet")
+    if not triton_available():
+        raise ValueError("backend='triton' needs the triton package, which is not installed")
+    return "triton"
 
 
 def _check_tensor(name: str, t: object, dims: int | None) -> None:
@@ -134,13 +155,13 @@ def validate(
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
         if not 0 <= seed < _SEED_LIMIT:
-            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+            raise ValueError(f"seed must be in [0, 2**31), got {seed}")
     return resolve_backend(x, backend)
 
 
 def draw_seed() -> int:
     """A dropout seed from PyTorch's default generator, so ``torch.manual_seed`` reproduces runs."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    return int(torch.randint(0, _SEED_LIMIT, (), dtype=torch.int64).item())
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -174,9 +195,19 @@ class LoRALinearFunction(torch.autograd.Function):
         k_in, n_out = weight.shape[1], weight.shape[0]
         # reshape, not view: a copy only where x's strides can't be flattened.
         x2 = x.reshape(-1, k_in)
-        y2, S = torch_path.forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-
         _, need_w, _, need_a, need_lb = ctx.needs_input_grad[:5]
+        plan = None
+        if backend == "triton":
+            from . import triton_path
+
+            plan = triton_path.make_plan(x2, lora_A.shape[1])
+            y2, S = triton_path.forward(
+                x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, plan=plan,
+                store_t=need_lb,
+            )  # fmt: skip
+        else:
+            y2, S = torch_path.forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
         ctx.save_for_backward(
             x if (need_a or need_w) else None,
             weight,
@@ -185,7 +216,7 @@ class LoRALinearFunction(torch.autograd.Function):
             S if need_lb else None,
         )
         ctx.x_shape = x.shape
-        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.plan = scaling, dropout_p, seed, plan
         return y2.reshape(*x.shape[:-1], n_out)
 
     @staticmethod
@@ -194,18 +225,14 @@ class LoRALinearFunction(torch.autograd.Function):
         k_in, n_out = weight.shape[1], weight.shape[0]
         dy2 = dy.reshape(-1, n_out)
         x2 = None if x is None else x.reshape(-1, k_in)
-        dx, dw, db, da, dlb = torch_path.backward(
-            dy2,
-            x2,
-            weight,
-            lora_A,
-            lora_B,
-            S,
-            ctx.scaling,
-            ctx.dropout_p,
-            ctx.seed,
-            tuple(ctx.needs_input_grad[:5]),
-        )
+        args = (dy2, x2, weight, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, ctx.seed)
+        needs = tuple(ctx.needs_input_grad[:5])
+        if ctx.plan is not None:
+            from . import triton_path
+
+            dx, dw, db, da, dlb = triton_path.backward(*args, needs, plan=ctx.plan)
+        else:
+            dx, dw, db, da, dlb = torch_path.backward(*args, needs)
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)
         return dx, dw, db, da, dlb, None, None, None, None

@@ -91,3 +91,15 @@ def reference_with_grads(x, params, dy, scaling, **kwargs):
     return run_with_grads(
         lora_linear_reference, x.double(), params64, dy.double(), scaling=scaling, **kwargs
     )
+
+
+# The device the Triton backend's tests run on: CUDA when present, else the interpreter on CPU.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Relative error bounds of the Triton backend against float64 (see docs/kernels.md). In the
+# interpreter dots are exact, so the bounds are the output dtype's rounding with margin.
+TRITON_TOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-4,
+    torch.float16: 5e-3,
+    torch.bfloat16: 1e-2,
+}

@@ -1,0 +1,195 @@
+"""Compile every kernel the package launches for a GPU, without one, and report its machine code.
+
+    python -m lora_kernels.inspect [--arch sm_80] [--arch sm_90] [--json] [--dump DIR]
+
+For each arch, dtype and rank, the real forward and backward of the Triton path run under
+``capture_launches`` on ``meta`` tensors of an LLM projection (M=8192, K=N=4096): the launches they
+would make (kernel, grid, arguments, configs) are compiled by Triton exactly as its JIT would
+specialize them, to cubins for the target, and their SASS (read with the ``cuobjdump`` that Triton
+ships) tells registers, spills (STL/LDL), tensor-core instructions (HMMA on sm_80, HGMMA on sm_90)
+and async copies (LDGSTS / UTMALDG). Needs ``triton`` and no GPU; not under ``TRITON_INTERPRET``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+
+import torch
+
+from .function import triton_interpreter_enabled
+
+M, K, N = 8192, 4096, 4096
+ARCHS = {"sm_80": (80, 108), "sm_90": (90, 132)}  # (capability, SMs of the A100 / H100)
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DEFAULT_DTYPES = ("float16", "bfloat16")
+RANKS = (4, 16, 64)
+SCALING = 2.0
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def captured_launches(arch: str, dtype: torch.dtype, rank: int, dropout_p: float = 0.0) -> list:
+    """The launches one forward + backward (x, lora_A, lora_B requiring grad) would make."""
+    from . import triton_path
+    from .kernels.common import capture_launches
+
+    capability, sms = ARCHS[arch]
+    meta = {"device": "meta", "dtype": dtype}
+    x, dy = torch.empty(M, K, **meta), torch.empty(M, N, **meta)
+    weight, bias = torch.empty(N, K, **meta), torch.empty(N, **meta)
+    lora_A, lora_B = torch.empty(K, rank, **meta), torch.empty(rank, N, **meta)
+    plan = triton_path.make_plan(x, rank, arch=capability // 10, num_sms=sms)
+    with capture_launches() as launches:
+        _, T = triton_path.forward(
+            x, weight, bias, lora_A, lora_B, SCALING, dropout_p, 0, plan=plan
+        )
+        needs = (True, False, False, True, True)
+        triton_path.backward(
+            dy, x, weight, lora_A, lora_B, T, SCALING, dropout_p, 0, needs, plan=plan
+        )
+    return launches
+
+
+def compile_launch(launch, capability: int):
+    """Compile one captured launch for ``sm_<capability>`` as Triton's JIT would."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    kernel = launch.kernel
+    # NOTE: the JIT's own binder and argument packing (Triton 3.9 internals), so the signature,
+    # int / pointer specializations (==1, divisible by 16) and options match a real launch.
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, launch.kwargs, bound, specialization, options
+    )
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+def analyse_cubin(cubin: bytes) -> dict:
+    """Registers, spill and tensor-core / async-copy instruction counts of one cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        tool = _cuobjdump()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            [tool, "-res-usage", f.name], capture_output=True, text=True, check=True
+        )
+    ops = Counter(re.findall(r"\b(STL|LDL|HMMA|HGMMA|LDGSTS|UTMALDG)\b", sass.stdout))
+    mma_ops = {op: ops[op] for op in ("HMMA", "HGMMA") if ops[op]}
+    registers = re.search(r"REG:(\d+)", res.stdout)
+    return {
+        "registers": int(registers.group(1)) if registers else None,
+        "spills": ops["STL"] + ops["LDL"],
+        "mma": sum(mma_ops.values()),  # tensor-core instructions: HMMA (sm_80+), HGMMA (sm_90)
+        "mma_ops": mma_ops,
+        "async_copies": ops["LDGSTS"] + ops["UTMALDG"],
+    }
+
+
+def inspect_group(arch: str, dtype_name: str, rank: int, dump: str | None = None) -> list[dict]:
+    """One row per kernel launched by a forward + backward at ``(arch, dtype, rank)``."""
+    capability = ARCHS[arch][0]
+    rows = []
+    for launch in captured_launches(arch, DTYPES[dtype_name], rank):
+        compiled = compile_launch(launch, capability)
+        cubin_name = f"{launch.name}_{arch}_{dtype_name}_r{rank}.cubin"
+        if dump is not None:
+            os.makedirs(dump, exist_ok=True)
+            with open(os.path.join(dump, cubin_name), "wb") as f:
+                f.write(compiled.asm["cubin"])
+        config = {
+            k: v
+            for k, v in launch.kwargs.items()
+            if k.startswith("BLOCK") or k in ("R", "num_warps", "num_stages")
+        }
+        rows.append(
+            {
+                "kernel": launch.name,
+                "arch": arch,
+                "dtype": dtype_name,
+                "rank": rank,
+                **analyse_cubin(compiled.asm["cubin"]),
+                "shared_bytes": compiled.metadata.shared,
+                "grid": list(launch.grid),
+                "config": config,
+                "cubin": cubin_name,
+            }
+        )
+    return rows
+
+
+def inspect_builds(archs, dtypes, ranks, dump: str | None = None, jobs: int = 1) -> list[dict]:
+    """Rows for every (arch, dtype, rank) group, compiled ``jobs`` groups at a time."""
+    groups = [(a, d, r) for a in archs for d in dtypes for r in ranks]
+    if jobs <= 1:
+        results = [inspect_group(*g, dump) for g in groups]
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            results = list(pool.map(inspect_group, *zip(*groups), [dump] * len(groups)))
+    return [row for rows in results for row in rows]
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["kernel", "arch", "dtype", "rank", "registers", "spills", "shared_bytes", "mma_ops"]
+    cols += ["async_copies", "grid", "config"]
+    show = {"config": _short, "mma_ops": lambda ops: ",".join(f"{k}:{v}" for k, v in ops.items())}
+    cells = [[show.get(c, str)(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _short(config: dict) -> str:
+    keys = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K", "BLOCK_D": "D", "R": "R"}
+    tile = "x".join(f"{keys[k]}{v}" for k, v in config.items() if k in keys)
+    return f"{tile} w{config['num_warps']} s{config['num_stages']}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Compile every kernel for GPUs, report SASS.")
+    parser.add_argument("--arch", action="append", choices=sorted(ARCHS))
+    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES))
+    parser.add_argument("--rank", action="append", type=int)
+    parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
+    parser.add_argument("--dump", metavar="DIR", help="write every cubin into DIR")
+    parser.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="groups compiled in parallel"
+    )
+    args = parser.parse_args(argv)
+    if triton_interpreter_enabled():
+        parser.error("TRITON_INTERPRET is set: unset it to compile for GPUs")
+    rows = inspect_builds(
+        args.arch or sorted(ARCHS),
+        args.dtype or list(DEFAULT_DTYPES),
+        args.rank or RANKS,
+        args.dump,
+        args.jobs,
+    )
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Pieces every LoRA kernel shares: the dot wrappers, the rank padding, output allocation."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# tl.dot needs every dimension >= 16; the rank is padded (masked) to a power of two >= 16 inside
+# the kernels, never in user memory.
+MIN_DOT_DIM = 16
+
+# Every launch passes this option explicitly: Triton 3.9 warns when it is left to its default,
+# and FMA contraction is what the accumulation in every kernel here wants.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
+# Tests set this to fill every kernel output with NaN before launch, so an element a kernel
+# forgets to write fails the comparison instead of passing by luck on zero-filled memory.
+POISON_OUTPUTS = False
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulator (and saved ``T``) dtype: float32, or float64 for float64 inputs, which the
+    kernels take so ``gradcheck`` can verify them (no tensor cores in float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The ``tl`` dtype of a torch floating dtype (for ``tl.constexpr`` arguments)."""
+    return {torch.float64: tl.float64, torch.float32: tl.float32}[dtype]
+
+
+def padded_rank(rank: int) -> int:
+    """``R``: the rank as the kernels see it, a power of two >= 16."""
+    return max(MIN_DOT_DIM, triton.next_power_of_2(rank))
+
+
+def alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs (NaN-filled when ``POISON_OUTPUTS`` is set)."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@dataclass
+class Launch:
+    """One kernel launch, as ``launch`` would make it: what ``inspect`` compiles for a GPU."""
+
+    name: str
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+_captured: list[Launch] | None = None
+
+
+@contextlib.contextmanager
+def capture_launches():
+    """Record launches instead of running them (tensors may live on the ``meta`` device)."""
+    global _captured
+    previous, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = previous
+
+
+def launch(name: str, kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
+    """``kernel[grid](*args, **kwargs)``, or recorded under ``capture_launches``."""
+    kwargs = {**kwargs, **LAUNCH_OPTIONS}
+    if _captured is not None:
+        _captured.append(Launch(name, kernel, grid, args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)
+
+
+@triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` on tensor cores; fp32 accumulation.
+
+    NOTE: ``UPCAST`` is for Triton's interpreter only, where ``tl.dot`` on bfloat16 is wrong
+    (triton issue 11584): the operands go through float32, which the interpreter multiplies
+    exactly. GPU builds never set it.
+    """
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def mma_f32_lhs(a_f32, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a_f32 @ b`` where ``a_f32`` is an fp32 accumulator tile and ``b`` is an input tile.
+
+    NOTE: for 16-bit ``b``, ``a_f32`` is split into ``hi + lo`` in ``b``'s dtype and multiplied
+    twice, so the LoRA intermediate keeps ~16 mantissa bits instead of being rounded to 8 (bf16)
+    or 11 (fp16) before the second product. The extra dot is ``r / K`` of the main GEMM's work.
+    """
+    if b.dtype == a_f32.dtype:
+        return mma(a_f32, b, acc, PRECISION, UPCAST)
+    else:
+        a_hi = a_f32.to(b.dtype)
+        a_lo = (a_f32 - a_hi.to(a_f32.dtype)).to(b.dtype)
+        acc = mma(a_hi, b, acc, PRECISION, UPCAST)
+        return mma(a_lo, b, acc, PRECISION, UPCAST)
+
+
+@triton.jit
+def mma_f32_rhs(a, b_f32, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b_f32``: ``mma_f32_lhs`` with the float32 operand on the right."""
+    if a.dtype == b_f32.dtype:
+        return mma(a, b_f32, acc, PRECISION, UPCAST)
+    else:
+        b_hi = b_f32.to(a.dtype)
+        b_lo = (b_f32 - b_hi.to(b_f32.dtype)).to(a.dtype)
+        acc = mma(a, b_hi, acc, PRECISION, UPCAST)
+        return mma(a, b_lo, acc, PRECISION, UPCAST)
+
+
+@triton.jit
+def to_output(acc, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """Cast an fp32 tile to the output dtype, rounding to nearest even.
+
+    NOTE: Triton's interpreter truncates fp32 -> bfloat16 (the GPU rounds to nearest even), so
+    interpreter bf16 runs (``UPCAST``) add the rounding bias to the fp32 bits first; truncating
+    the biased value is round-to-nearest-even. Inf and NaN pass through untouched.
+    """
+    if UPCAST:
+        bits = acc.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        acc = tl.where(tl.abs(acc) < float("inf"), bits.to(tl.float32, bitcast=True), acc)
+    return acc.to(dtype)
+
+
+@triton.jit
+def dropout_keep(seed, row, col, row_len, dropout_p):
+    """Keep-mask of the elements ``(row, col)`` of a row-major ``(M, row_len)`` matrix.
+
+    Philox of ``(seed, row * row_len + col)``: a function of the element's logical position
+    only, so every tile shape, program and pass (forward, dx, dA) sees the same mask.
+    """
+    offsets = row.to(tl.int64) * row_len + col
+    return tl.rand(seed, offsets) >= dropout_p

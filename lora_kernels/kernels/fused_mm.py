@@ -1,0 +1,301 @@
+"""The one-pass fused LoRA GEMM: forward ``y`` and backward ``dx`` with one kernel.
+
+    out = X Wt + b + s * drop_out(drop_in(X) P) Q        (M x Nd)
+    T   = s * drop_in(X) P                                (M x r, stored for the other pass)
+
+forward: ``X = x, Wt = W^T, P = A, Q = B``       -> ``y``,  ``T = s S``  (dB needs it)
+dx:      ``X = dY, Wt = W, P = B^T, Q = A^T``    -> ``dx``, ``T = s dS`` (dA needs it)
+
+Dropout on the forward masks X's tile before the ``X P`` dot (``drop_in``); on dx it masks the
+LoRA term of the output (``drop_out``). Transposed operands are strides, never copies.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    acc_dtype,
+    alloc,
+    dropout_keep,
+    launch,
+    mma,
+    mma_f32_lhs,
+    padded_rank,
+    tl_dtype,
+    to_output,
+)
+
+# Tile configs per GPU generation (compute-capability major), 16-bit inputs. Hopper takes a wider
+# N tile (more reuse of each x tile, and the LoRA dot's r / BLOCK_N extra work halves) with 8 warps
+# (two warpgroups for wgmma); Ampere's 164 KB of shared memory fits 128 x 128 x 32 in 4 stages,
+# 8 warps keep the 128 x 128 fp32 accumulator at 64 registers a thread.
+# Ranks padded to >= 64 add a (BLOCK_M x R) fp32 accumulator and an (R x BLOCK_N) tile: both
+# generations halve BLOCK_N (Ampere at 128 x 128 spills); `inspect` shows them spill-free.
+CONFIGS_16BIT = {
+    8: {
+        "BLOCK_M": 128,
+        "BLOCK_N": 128,
+        "BLOCK_K": 32,
+        "GROUP_M": 8,
+        "num_warps": 8,
+        "num_stages": 4,
+    },
+    9: {
+        "BLOCK_M": 128,
+        "BLOCK_N": 256,
+        "BLOCK_K": 64,
+        "GROUP_M": 8,
+        "num_warps": 8,
+        "num_stages": 3,
+    },
+}
+CONFIGS_16BIT_LARGE_RANK = {
+    8: {
+        "BLOCK_M": 128,
+        "BLOCK_N": 64,
+        "BLOCK_K": 32,
+        "GROUP_M": 8,
+        "num_warps": 8,
+        "num_stages": 4,
+    },
+    9: {
+        "BLOCK_M": 128,
+        "BLOCK_N": 128,
+        "BLOCK_K": 64,
+        "GROUP_M": 8,
+        "num_warps": 8,
+        "num_stages": 3,
+    },
+}
+# float32 without TF32 runs on FMA units, whose dot operands live in registers: smaller tiles,
+# and smaller still for large ranks (the 128-wide tiles spill hundreds of times at R = 64).
+# float64 (verification: gradcheck through the interpreter) takes the same tables.
+CONFIGS_FP32 = {
+    8: {
+        "BLOCK_M": 128,
+        "BLOCK_N": 64,
+        "BLOCK_K": 16,
+        "GROUP_M": 8,
+        "num_warps": 8,
+        "num_stages": 3,
+    },
+    9: {
+        "BLOCK_M": 128,
+        "BLOCK_N": 64,
+        "BLOCK_K": 16,
+        "GROUP_M": 8,
+        "num_warps": 8,
+        "num_stages": 3,
+    },
+}
+CONFIGS_FP32_LARGE_RANK = {
+    8: {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+    9: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+}
+LARGE_RANK = 64  # padded rank from which the *_LARGE_RANK tables apply
+# Newer GPUs than the tables know run Hopper's config; older ones Ampere's.
+KNOWN_ARCHS = (8, 9)
+
+
+def fused_mm_config(arch: int, dtype: torch.dtype, rank: int) -> dict:
+    """The launch config for compute-capability major ``arch``, input ``dtype`` and ``rank``."""
+    arch = min(max(arch, KNOWN_ARCHS[0]), KNOWN_ARCHS[-1])
+    large = padded_rank(rank) >= LARGE_RANK
+    if dtype in (torch.float32, torch.float64):
+        table = CONFIGS_FP32_LARGE_RANK if large else CONFIGS_FP32
+    elif large:
+        table = CONFIGS_16BIT_LARGE_RANK
+    else:
+        table = CONFIGS_16BIT
+    return dict(table[arch])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _lora_fwd_kernel(
+    # pointers
+    x_ptr,  # X   (M, K)
+    w_ptr,  # Wt  (K, N) (a transposed view: strides only)
+    bias_ptr,  # b (N,), only read with HAS_BIAS
+    p_ptr,  # P   (K, RANK)
+    q_ptr,  # Q   (RANK, N)
+    out_ptr,  # out (M, N), only written with STORE_OUT
+    t_ptr,  # T   (M, RANK) ACC, only written with STORE_T
+    # sizes
+    M,
+    N,
+    K,
+    RANK,
+    # strides
+    stride_xm,
+    stride_xk,
+    stride_wk,
+    stride_wn,
+    stride_pk,
+    stride_pr,
+    stride_qr,
+    stride_qn,
+    stride_om,
+    stride_on,
+    stride_tm,
+    stride_tr,
+    # scalars
+    scaling,
+    dropout_p,
+    dropout_scale,  # 1 / (1 - dropout_p)
+    seed,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    STORE_OUT: tl.constexpr,  # False: only T (dS without dx); the base GEMM is skipped
+    STORE_T: tl.constexpr,
+    DROPOUT_IN: tl.constexpr,
+    DROPOUT_OUT: tl.constexpr,
+    R: tl.constexpr,  # RANK padded to a power of two >= 16
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    ACC: tl.constexpr,  # accumulator dtype: float32 (float64 for float64 inputs)
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # --- tile mapping: grouped order, so GROUP_M row-blocks share each Wt column-block in L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N) if STORE_OUT else 1
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R)
+    offs_kb = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_r = offs_r < RANK
+    # NOTE: int64 row offsets: M * K passes 2**31 for long sequences of wide layers.
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
+
+    # --- main loop: each X tile is loaded once and feeds both dots
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    xp = tl.zeros((BLOCK_M, R), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + offs_kb
+        mask_k = offs_k < K
+        offs_k64 = offs_k.to(tl.int64)
+        x = tl.load(
+            x_rows + offs_k64[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        p = tl.load(
+            p_ptr + offs_k64[:, None] * stride_pk + offs_r[None, :] * stride_pr,
+            mask=mask_k[:, None] & mask_r[None, :],
+            other=0.0,
+        )
+        if STORE_OUT:
+            w = tl.load(
+                w_cols + offs_k64[:, None] * stride_wk,
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc = mma(x, w, acc, PRECISION, UPCAST)
+        if DROPOUT_IN:
+            keep = dropout_keep(seed, offs_m[:, None], offs_k[None, :], K, dropout_p)
+            x = tl.where(keep, x, 0.0)
+        xp = mma(x, p, xp, PRECISION, UPCAST)
+
+    # --- epilogue: T = s * drop_in(X) P; out += s * drop_out(T Q) + b
+    if DROPOUT_IN:
+        xp = xp * dropout_scale
+    xp = xp * scaling
+    if STORE_T:
+        # Only the first column of tiles writes T; every column computed the same values.
+        if pid_n == 0:
+            t_ptrs = t_ptr + offs_m.to(tl.int64)[:, None] * stride_tm + offs_r[None, :] * stride_tr
+            tl.store(t_ptrs, xp, mask=mask_m[:, None] & mask_r[None, :])
+    if STORE_OUT:
+        q = tl.load(
+            q_ptr + offs_r[:, None] * stride_qr + offs_n.to(tl.int64)[None, :] * stride_qn,
+            mask=mask_r[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        if DROPOUT_OUT:
+            lora = mma_f32_lhs(xp, q, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), PRECISION, UPCAST)
+            keep = dropout_keep(seed, offs_m[:, None], offs_n[None, :], N, dropout_p)
+            acc += tl.where(keep, lora * dropout_scale, 0.0)
+        else:
+            acc = mma_f32_lhs(xp, q, acc, PRECISION, UPCAST)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
+        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(
+            out_ptrs,
+            to_output(acc, out_ptr.dtype.element_ty, UPCAST),
+            mask=mask_m[:, None] & mask_n[None, :],
+        )
+
+
+def fused_mm(
+    x: torch.Tensor,
+    wt: torch.Tensor,
+    bias: torch.Tensor | None,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    scaling: float,
+    *,
+    config: dict,
+    precision: str,
+    upcast: bool,
+    store_out: bool = True,
+    store_t: bool = True,
+    dropout_p: float = 0.0,
+    dropout_in: bool = False,
+    dropout_out: bool = False,
+    seed: int = 0,
+    name: str = "lora_fwd",
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Launch ``_lora_fwd_kernel``: ``x (M, K)``, ``wt (K, N)``, ``p (K, r)``, ``q (r, N)``
+    (any strides) -> ``(out (M, N) | None, T (M, r) float32 (float64) | None)``. ``name`` labels the
+    launch (``lora_fwd`` / ``lora_bwd_dx``) for ``inspect``."""
+    (m, k), n, rank = x.shape, wt.shape[1], p.shape[1]
+    out = alloc((m, n), x.dtype, x.device) if store_out else None
+    t = alloc((m, rank), acc_dtype(x.dtype), x.device) if store_t else None
+    if m == 0:
+        return out, t
+    out_arg = out if store_out else x  # never written: STORE_OUT / STORE_T are constexpr
+    t_arg = t if store_t else x
+    n_tiles = triton.cdiv(n, config["BLOCK_N"]) if store_out else 1
+    grid = (triton.cdiv(m, config["BLOCK_M"]) * n_tiles,)
+    args = (
+        x, wt, bias if bias is not None else x, p, q, out_arg, t_arg,
+        m, n, k, rank,
+        x.stride(0), x.stride(1),
+        wt.stride(0), wt.stride(1),
+        p.stride(0), p.stride(1),
+        q.stride(0), q.stride(1),
+        out_arg.stride(0), out_arg.stride(1),
+        t_arg.stride(0), t_arg.stride(1),
+        scaling, dropout_p, 1.0 / (1.0 - dropout_p), seed,
+    )  # fmt: skip
+    meta = {
+        "HAS_BIAS": bias is not None,
+        "STORE_OUT": store_out,
+        "STORE_T": store_t,
+        "DROPOUT_IN": dropout_in,
+        "DROPOUT_OUT": dropout_out,
+        "R": padded_rank(rank),
+        "ACC": tl_dtype(acc_dtype(x.dtype)),
+        "PRECISION": precision,
+        "UPCAST": upcast,
+        **config,
+    }
+    launch(name, _lora_fwd_kernel, grid, args, meta)
+    return out, t

@@ -1,0 +1,121 @@
+"""The Triton path: host-side orchestration of the kernels in ``kernels/``.
+
+Same contract as ``torch_path`` (2-D, validated inputs), plus a ``Plan``: the launch configs and
+precision chosen once on the host in forward and kept on ``ctx`` for backward.
+
+What forward keeps for backward is ``T = s * dropout(x) A`` in float32 (``(M, r)``), so ``dB`` is
+a plain reduction and the LoRA intermediate is never rounded to 16 bits.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .kernels.fused_mm import fused_mm, fused_mm_config
+from .kernels.lora_grad import grad_config, lora_grad
+
+# The interpreter has no GPU generation: it runs Hopper's tables (the ones most users launch),
+# with a small SM count so the M-split of the reductions is exercised on test-sized inputs.
+INTERPRETER_ARCH = 9
+INTERPRETER_SMS = 4
+
+
+@dataclass(frozen=True)
+class Plan:
+    fused: dict
+    grad: dict
+    num_sms: int
+    precision: str  # tl.dot input_precision for float32 operands
+    upcast: bool  # interpreter + bfloat16: dot operands through float32
+
+
+@functools.lru_cache(maxsize=64)
+def _device_facts(device: torch.device) -> tuple[int, int]:
+    if device.type != "cuda":
+        return INTERPRETER_ARCH, INTERPRETER_SMS
+    props = torch.cuda.get_device_properties(device)
+    return props.major, props.multi_processor_count
+
+
+def make_plan(
+    x: torch.Tensor, rank: int, arch: int | None = None, num_sms: int | None = None
+) -> Plan:
+    """Configs for input ``x`` and ``rank``; ``arch`` (compute-capability major) and
+    ``num_sms`` override the device's own (``inspect`` builds for GPUs it doesn't have)."""
+    dev_arch, dev_sms = _device_facts(x.device)
+    arch = dev_arch if arch is None else arch
+    num_sms = dev_sms if num_sms is None else num_sms
+    # float32 follows PyTorch's own switch: TF32 only when the user allowed it for matmuls.
+    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return Plan(
+        fused=fused_mm_config(arch, x.dtype, rank),
+        grad=grad_config(arch, x.dtype, rank),
+        num_sms=num_sms,
+        precision="tf32" if tf32 else "ieee",
+        upcast=x.device.type == "cpu" and x.dtype == torch.bfloat16,
+    )
+
+
+def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *, plan, store_t=True):
+    """``x (M, K) -> (y (M, N), T (M, r) float32 | None)``, one fused kernel."""
+    return fused_mm(
+        x,
+        weight.t(),
+        bias,
+        lora_A,
+        lora_B,
+        scaling,
+        config=plan.fused,
+        precision=plan.precision,
+        upcast=plan.upcast,
+        store_t=store_t,
+        dropout_p=dropout_p,
+        dropout_in=dropout_p > 0.0,
+        seed=seed,
+    )
+
+
+def backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, *, plan):
+    """Gradients ``(dx, dW, db, dA, dB)``, ``None`` where ``needs`` says no (see torch_path)."""
+    need_x, need_w, need_b, need_a, need_lb = needs
+    dx = dw = db = da = dlb = None
+    grad_kw = {"config": plan.grad, "num_sms": plan.num_sms, "precision": plan.precision}
+    if need_x or need_a:
+        # dx = dY W + s * drop(dY B^T A^T): the forward kernel on the transposed operands; its T
+        # output is s * dS, which dA reduces against x.
+        dx, dT = fused_mm(
+            dy,
+            weight,
+            None,
+            lora_B.t(),
+            lora_A.t(),
+            scaling,
+            config=plan.fused,
+            precision=plan.precision,
+            upcast=plan.upcast,
+            store_out=need_x,
+            store_t=need_a,
+            dropout_p=dropout_p,
+            dropout_out=dropout_p > 0.0,
+            seed=seed,
+            name="lora_bwd_dx",
+        )
+    if need_a:
+        da = lora_grad(
+            dT, x, transpose_out=True, out_dtype=x.dtype, upcast=plan.upcast,
+            dropout_p=dropout_p, seed=seed, name="lora_bwd_dA", **grad_kw,
+        )  # fmt: skip
+    if need_lb:
+        dlb = lora_grad(
+            T, dy, transpose_out=False, out_dtype=dy.dtype, upcast=plan.upcast,
+            name="lora_bwd_dB", **grad_kw,
+        )  # fmt: skip
+    # dW and db only exist for users who unfreeze the base layer: plain cuBLAS / reductions.
+    if need_w:
+        dw = dy.t() @ x
+    if need_b:
+        db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+    return dx, dw, db, da, dlb

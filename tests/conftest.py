@@ -1,0 +1,15 @@
+"""Test-session set-up.
+
+Without a GPU, the Triton kernels run in Triton's interpreter on CPU tensors. The interpreter is
+chosen when ``triton`` is imported, so ``TRITON_INTERPRET`` is set here, before any test module
+imports the package's kernels. On a machine with a GPU the same tests run on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
