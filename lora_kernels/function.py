@@ -200,7 +200,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if backend == "triton":
             from . import triton_path
 
-            plan = triton_path.make_plan(x2, lora_A.shape[1])
+            plan = triton_path.make_plan(x2, lora_A.shape[1], dropout_p)
             y2, S = triton_path.forward(
                 x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, plan=plan,
                 store_t=need_lb,

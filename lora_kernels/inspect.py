@@ -1,6 +1,7 @@
 """Compile every kernel the package launches for a GPU, without one, and report its machine code.
 
-    python -m lora_kernels.inspect [--arch sm_80] [--arch sm_90] [--json] [--dump DIR]
+    python -m lora_kernels.inspect [--arch sm_80] [--arch sm_90] [--dtype D] [--rank R]
+                                   [--dropout P] [--json] [--dump DIR] [--jobs N]
 
 For each arch, dtype and rank, the real forward and backward of the Triton path run under
 ``capture_launches`` on ``meta`` tensors of an LLM projection (M=8192, K=N=4096): the launches they
@@ -32,6 +33,7 @@ ARCHS = {"sm_80": (80, 108), "sm_90": (90, 132)}  # (capability, SMs of the A100
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_DTYPES = ("float16", "bfloat16")
 RANKS = (4, 16, 64)
+DROPOUTS = (0.0, 0.1)  # dropout adds a launch (lora_fwd_t) and changes three kernels' code
 SCALING = 2.0
 
 
@@ -51,7 +53,7 @@ def captured_launches(arch: str, dtype: torch.dtype, rank: int, dropout_p: float
     x, dy = torch.empty(M, K, **meta), torch.empty(M, N, **meta)
     weight, bias = torch.empty(N, K, **meta), torch.empty(N, **meta)
     lora_A, lora_B = torch.empty(K, rank, **meta), torch.empty(rank, N, **meta)
-    plan = triton_path.make_plan(x, rank, arch=capability // 10, num_sms=sms)
+    plan = triton_path.make_plan(x, rank, dropout_p, arch=capability // 10, num_sms=sms)
     with capture_launches() as launches:
         _, T = triton_path.forward(
             x, weight, bias, lora_A, lora_B, SCALING, dropout_p, 0, plan=plan
@@ -106,13 +108,16 @@ def analyse_cubin(cubin: bytes) -> dict:
     }
 
 
-def inspect_group(arch: str, dtype_name: str, rank: int, dump: str | None = None) -> list[dict]:
-    """One row per kernel launched by a forward + backward at ``(arch, dtype, rank)``."""
+def inspect_group(
+    arch: str, dtype_name: str, rank: int, dropout_p: float, dump: str | None = None
+) -> list[dict]:
+    """One row per kernel launched by a forward + backward at ``(arch, dtype, rank, dropout)``."""
     capability = ARCHS[arch][0]
     rows = []
-    for launch in captured_launches(arch, DTYPES[dtype_name], rank):
+    for launch in captured_launches(arch, DTYPES[dtype_name], rank, dropout_p):
         compiled = compile_launch(launch, capability)
-        cubin_name = f"{launch.name}_{arch}_{dtype_name}_r{rank}.cubin"
+        tag = f"_p{dropout_p:g}" if dropout_p else ""
+        cubin_name = f"{launch.name}_{arch}_{dtype_name}_r{rank}{tag}.cubin"
         if dump is not None:
             os.makedirs(dump, exist_ok=True)
             with open(os.path.join(dump, cubin_name), "wb") as f:
@@ -128,6 +133,7 @@ def inspect_group(arch: str, dtype_name: str, rank: int, dump: str | None = None
                 "arch": arch,
                 "dtype": dtype_name,
                 "rank": rank,
+                "dropout": dropout_p,
                 **analyse_cubin(compiled.asm["cubin"]),
                 "shared_bytes": compiled.metadata.shared,
                 "grid": list(launch.grid),
@@ -138,9 +144,11 @@ def inspect_group(arch: str, dtype_name: str, rank: int, dump: str | None = None
     return rows
 
 
-def inspect_builds(archs, dtypes, ranks, dump: str | None = None, jobs: int = 1) -> list[dict]:
-    """Rows for every (arch, dtype, rank) group, compiled ``jobs`` groups at a time."""
-    groups = [(a, d, r) for a in archs for d in dtypes for r in ranks]
+def inspect_builds(
+    archs, dtypes, ranks, dropouts=(0.0,), dump: str | None = None, jobs: int = 1
+) -> list[dict]:
+    """Rows for every (arch, dtype, rank, dropout) group, compiled ``jobs`` groups at a time."""
+    groups = [(a, d, r, p) for a in archs for d in dtypes for r in ranks for p in dropouts]
     if jobs <= 1:
         results = [inspect_group(*g, dump) for g in groups]
     else:
@@ -151,7 +159,8 @@ def inspect_builds(archs, dtypes, ranks, dump: str | None = None, jobs: int = 1)
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["kernel", "arch", "dtype", "rank", "registers", "spills", "shared_bytes", "mma_ops"]
+    cols = ["kernel", "arch", "dtype", "rank", "dropout", "registers", "spills", "shared_bytes"]
+    cols += ["mma_ops"]
     cols += ["async_copies", "grid", "config"]
     show = {"config": _short, "mma_ops": lambda ops: ",".join(f"{k}:{v}" for k, v in ops.items())}
     cells = [[show.get(c, str)(r[c]) for c in cols] for r in rows]
@@ -172,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", action="append", choices=sorted(ARCHS))
     parser.add_argument("--dtype", action="append", choices=sorted(DTYPES))
     parser.add_argument("--rank", action="append", type=int)
+    parser.add_argument(
+        "--dropout",
+        action="append",
+        type=float,
+        help="LoRA dropout of the captured forward/backward (default: 0 and 0.1)",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
     parser.add_argument("--dump", metavar="DIR", help="write every cubin into DIR")
     parser.add_argument(
@@ -184,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         args.arch or sorted(ARCHS),
         args.dtype or list(DEFAULT_DTYPES),
         args.rank or RANKS,
+        args.dropout or DROPOUTS,
         args.dump,
         args.jobs,
     )

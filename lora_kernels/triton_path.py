@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.fused_mm import fused_mm, fused_mm_config
+from .kernels.fused_mm import fused_mm, fused_mm_config, fused_mm_t_config
 from .kernels.lora_grad import grad_config, lora_grad
 
 # The interpreter has no GPU generation: it runs Hopper's tables (the ones most users launch),
@@ -25,8 +25,13 @@ INTERPRETER_SMS = 4
 
 @dataclass(frozen=True)
 class Plan:
-    fused: dict
-    grad: dict
+    """Launch configs of one layer call (forward and its backward), chosen once on the host."""
+
+    fwd: dict  # lora_fwd
+    t_only: dict  # T-only launches of the fused kernel (dropout's lora_fwd_t, dS without dx)
+    dx: dict  # lora_bwd_dx
+    grad_dA: dict
+    grad_dB: dict
     num_sms: int
     precision: str  # tl.dot input_precision for float32 operands
     upcast: bool  # interpreter + bfloat16: dot operands through float32
@@ -41,18 +46,26 @@ def _device_facts(device: torch.device) -> tuple[int, int]:
 
 
 def make_plan(
-    x: torch.Tensor, rank: int, arch: int | None = None, num_sms: int | None = None
+    x: torch.Tensor,
+    rank: int,
+    dropout_p: float = 0.0,
+    arch: int | None = None,
+    num_sms: int | None = None,
 ) -> Plan:
-    """Configs for input ``x`` and ``rank``; ``arch`` (compute-capability major) and
+    """Configs for input ``x``, ``rank`` and dropout; ``arch`` (compute-capability major) and
     ``num_sms`` override the device's own (``inspect`` builds for GPUs it doesn't have)."""
     dev_arch, dev_sms = _device_facts(x.device)
     arch = dev_arch if arch is None else arch
     num_sms = dev_sms if num_sms is None else num_sms
     # float32 follows PyTorch's own switch: TF32 only when the user allowed it for matmuls.
     tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    dropout = dropout_p > 0.0
     return Plan(
-        fused=fused_mm_config(arch, x.dtype, rank),
-        grad=grad_config(arch, x.dtype, rank),
+        fwd=fused_mm_config(arch, x.dtype, rank),
+        t_only=fused_mm_t_config(arch, x.dtype),
+        dx=fused_mm_config(arch, x.dtype, rank, dropout_out=dropout),
+        grad_dA=grad_config(arch, x.dtype, rank, dropout=dropout),
+        grad_dB=grad_config(arch, x.dtype, rank),
         num_sms=num_sms,
         precision="tf32" if tf32 else "ieee",
         upcast=x.device.type == "cpu" and x.dtype == torch.bfloat16,
@@ -60,29 +73,27 @@ def make_plan(
 
 
 def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *, plan, store_t=True):
-    """``x (M, K) -> (y (M, N), T (M, r) float32 | None)``, one fused kernel."""
-    return fused_mm(
-        x,
-        weight.t(),
-        bias,
-        lora_A,
-        lora_B,
-        scaling,
-        config=plan.fused,
-        precision=plan.precision,
-        upcast=plan.upcast,
-        store_t=store_t,
-        dropout_p=dropout_p,
-        dropout_in=dropout_p > 0.0,
-        seed=seed,
-    )
+    """``x (M, K) -> (y (M, N), T (M, r) | None)``: one fused launch; two with dropout (a T-only
+    pass that generates each mask element once, then the output pass reading T)."""
+    common = {"precision": plan.precision, "upcast": plan.upcast}
+    t_in = None
+    if dropout_p > 0.0:
+        _, t_in = fused_mm(
+            x, weight.t(), None, lora_A, lora_B, scaling, config=plan.t_only, store_out=False,
+            dropout_p=dropout_p, dropout_in=True, seed=seed, name="lora_fwd_t", **common,
+        )  # fmt: skip
+    y, t = fused_mm(
+        x, weight.t(), bias, lora_A, lora_B, scaling, config=plan.fwd, store_t=store_t,
+        t_in=t_in, name="lora_fwd", **common,
+    )  # fmt: skip
+    return y, (t_in if store_t else None) if t_in is not None else t
 
 
 def backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, *, plan):
     """Gradients ``(dx, dW, db, dA, dB)``, ``None`` where ``needs`` says no (see torch_path)."""
     need_x, need_w, need_b, need_a, need_lb = needs
     dx = dw = db = da = dlb = None
-    grad_kw = {"config": plan.grad, "num_sms": plan.num_sms, "precision": plan.precision}
+    grad_kw = {"num_sms": plan.num_sms, "precision": plan.precision, "upcast": plan.upcast}
     if need_x or need_a:
         # dx = dY W + s * drop(dY B^T A^T): the forward kernel on the transposed operands; its T
         # output is s * dS, which dA reduces against x.
@@ -93,7 +104,7 @@ def backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, 
             lora_B.t(),
             lora_A.t(),
             scaling,
-            config=plan.fused,
+            config=plan.dx if need_x else plan.t_only,
             precision=plan.precision,
             upcast=plan.upcast,
             store_out=need_x,
@@ -105,12 +116,12 @@ def backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, 
         )
     if need_a:
         da = lora_grad(
-            dT, x, transpose_out=True, out_dtype=x.dtype, upcast=plan.upcast,
+            dT, x, transpose_out=True, out_dtype=x.dtype, config=plan.grad_dA,
             dropout_p=dropout_p, seed=seed, name="lora_bwd_dA", **grad_kw,
         )  # fmt: skip
     if need_lb:
         dlb = lora_grad(
-            T, dy, transpose_out=False, out_dtype=dy.dtype, upcast=plan.upcast,
+            T, dy, transpose_out=False, out_dtype=dy.dtype, config=plan.grad_dB,
             name="lora_bwd_dB", **grad_kw,
         )  # fmt: skip
     # dW and db only exist for users who unfreeze the base layer: plain cuBLAS / reductions.

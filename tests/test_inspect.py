@@ -17,7 +17,7 @@ def rows(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "lora_kernels.inspect", "--json", "--dump", str(dump)]
     cmd += ["--arch", "sm_80", "--arch", "sm_90", "--dtype", "bfloat16", "--rank", "16"]
-    cmd += ["--rank", "64"]
+    cmd += ["--rank", "64", "--dropout", "0", "--dropout", "0.1"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout), dump
@@ -26,8 +26,11 @@ def rows(tmp_path_factory):
 def test_every_launched_kernel_is_built(rows):
     rows, dump = rows
     kernels = ["lora_fwd", "lora_bwd_dx", "lora_bwd_dA", "lora_bwd_dB"]
-    built = sorted((r["arch"], r["rank"], r["kernel"]) for r in rows)
-    assert built == sorted((a, r, k) for a in ("sm_80", "sm_90") for r in (16, 64) for k in kernels)
+    expected = [(p, k) for p in (0.0, 0.1) for k in kernels] + [(0.1, "lora_fwd_t")]
+    built = sorted((r["arch"], r["rank"], r["dropout"], r["kernel"]) for r in rows)
+    assert built == sorted(
+        (a, r, p, k) for a in ("sm_80", "sm_90") for r in (16, 64) for p, k in expected
+    )
     for row in rows:
         assert set(row) >= {"kernel", "arch", "dtype", "rank", "registers", "spills"}
         assert set(row) >= {"shared_bytes", "mma", "cubin"}
@@ -45,7 +48,7 @@ def test_no_spills(rows):
 def test_tensor_cores(rows):
     rows, _ = rows
     for r in rows:
-        if r["kernel"] in ("lora_fwd", "lora_bwd_dx"):
+        if r["kernel"] in ("lora_fwd", "lora_fwd_t", "lora_bwd_dx"):
             assert r["mma"] > 0, r
             if r["arch"] == "sm_90":
                 assert r["mma_ops"].get("HGMMA", 0) > 0, r  # wgmma, Hopper's tensor cores

@@ -128,21 +128,36 @@ def to_output(acc, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
     NOTE: Triton's interpreter truncates fp32 -> bfloat16 (the GPU rounds to nearest even), so
     interpreter bf16 runs (``UPCAST``) add the rounding bias to the fp32 bits first; truncating
-    the biased value is round-to-nearest-even. Inf and NaN pass through untouched.
+    the biased value is round-to-nearest-even. Only normal numbers are biased: zeros, subnormals
+    (which the interpreter's conversion mishandles once biased), Inf and NaN pass untouched.
     """
     if UPCAST:
         bits = acc.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        acc = tl.where(tl.abs(acc) < float("inf"), bits.to(tl.float32, bitcast=True), acc)
+        normal = (tl.abs(acc) >= 1.1754943508222875e-38) & (tl.abs(acc) < float("inf"))
+        acc = tl.where(normal, bits.to(tl.float32, bitcast=True), acc)
     return acc.to(dtype)
 
 
-@triton.jit
-def dropout_keep(seed, row, col, row_len, dropout_p):
-    """Keep-mask of the elements ``(row, col)`` of a row-major ``(M, row_len)`` matrix.
+def keep_threshold(p: float) -> int:
+    """The int32 the kernels compare Philox words against: keep iff ``word >= p * 2**32``,
+    shifted by ``-2**31`` so it is always a signed 32-bit argument (one compiled variant)."""
+    return min(int(p * 2**32), 2**32 - 1) - 2**31
 
-    Philox of ``(seed, row * row_len + col)``: a function of the element's logical position
-    only, so every tile shape, program and pass (forward, dx, dA) sees the same mask.
+
+@triton.jit
+def dropout_keep(seed, rows, col_start, BLOCK_COLS: tl.constexpr, threshold):
+    """Keep-mask ``(len(rows), BLOCK_COLS)`` of the elements ``(row, col_start + j)`` of x.
+
+    Philox4x32 keyed on ``seed`` with the counter ``(col // 4, row)``: one call gives the four
+    random words of columns ``4c .. 4c + 3``, interleaved back into column order. The mask is a
+    function of the element's position only, never of tile sizes or programs, so forward, dx and
+    dA regenerate the same mask. ``col_start`` must be a multiple of 4 (every block is).
     """
-    offsets = row.to(tl.int64) * row_len + col
-    return tl.rand(seed, offsets) >= dropout_p
+    quads = col_start // 4 + tl.arange(0, BLOCK_COLS // 4)
+    counters = (rows.to(tl.int64)[:, None] << 32) + quads[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    words = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+    # NOTE: flipping the top bit maps uint32 order onto int32 order (see keep_threshold).
+    signed = (words ^ 0x80000000).to(tl.int32, bitcast=True)
+    return signed >= threshold

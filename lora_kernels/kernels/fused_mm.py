@@ -8,6 +8,10 @@ dx:      ``X = dY, Wt = W, P = B^T, Q = A^T``    -> ``dx``, ``T = s dS`` (dA nee
 
 Dropout on the forward masks X's tile before the ``X P`` dot (``drop_in``); on dx it masks the
 LoRA term of the output (``drop_out``). Transposed operands are strides, never copies.
+
+With dropout, the forward runs as two launches of this kernel: a T-only pass (``STORE_OUT``
+off: one column of tiles reads x once and generates each mask element once), then the output
+pass reading T (``T_IN``): otherwise every column of tiles would regenerate the whole mask.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from .common import (
     acc_dtype,
     alloc,
     dropout_keep,
+    keep_threshold,
     launch,
     mma,
     mma_f32_lhs,
@@ -96,15 +101,60 @@ CONFIGS_FP32_LARGE_RANK = {
     9: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
 }
 LARGE_RANK = 64  # padded rank from which the *_LARGE_RANK tables apply
+# The dx launch with dropout keeps a second (BLOCK_M x BLOCK_N) fp32 tile (the LoRA term, masked
+# before it joins the accumulator) and generates the mask there: Hopper's 256-wide tile spills
+# hundreds of times, so it halves BLOCK_N (again at large ranks). Keyed by (arch, large rank).
+CONFIGS_16BIT_DROPOUT_DX = {
+    (9, False): {
+        "BLOCK_M": 128,
+        "BLOCK_N": 128,
+        "BLOCK_K": 64,
+        "GROUP_M": 8,
+        "num_warps": 8,
+        "num_stages": 3,
+    },
+    (9, True): {
+        "BLOCK_M": 128,
+        "BLOCK_N": 64,
+        "BLOCK_K": 64,
+        "GROUP_M": 8,
+        "num_warps": 8,
+        "num_stages": 3,
+    },
+}
 # Newer GPUs than the tables know run Hopper's config; older ones Ampere's.
 KNOWN_ARCHS = (8, 9)
 
 
-def fused_mm_config(arch: int, dtype: torch.dtype, rank: int) -> dict:
-    """The launch config for compute-capability major ``arch``, input ``dtype`` and ``rank``."""
+# T-only launches (STORE_OUT off: the dropout forward's first pass, dS when dx is not needed) have
+# one column of tiles, so BLOCK_M sets the grid: 64 rows give M / 64 programs (128 at M = 8192,
+# one wave on an H100), each reading its rows of X once. BLOCK_N is unused there.
+CONFIGS_T_ONLY = {
+    8: {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 3},
+    9: {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 3},
+}
+CONFIGS_T_ONLY_FP32 = {
+    8: {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 3},
+    9: {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 3},
+}
+
+
+def fused_mm_t_config(arch: int, dtype: torch.dtype) -> dict:
+    """The launch config of T-only (``store_out=False``) launches."""
+    arch = min(max(arch, KNOWN_ARCHS[0]), KNOWN_ARCHS[-1])
+    table = CONFIGS_T_ONLY_FP32 if dtype in (torch.float32, torch.float64) else CONFIGS_T_ONLY
+    return dict(table[arch])
+
+
+def fused_mm_config(arch: int, dtype: torch.dtype, rank: int, dropout_out: bool = False) -> dict:
+    """The launch config for compute-capability major ``arch``, input ``dtype`` and ``rank``;
+    ``dropout_out`` for the dx launch with dropout."""
     arch = min(max(arch, KNOWN_ARCHS[0]), KNOWN_ARCHS[-1])
     large = padded_rank(rank) >= LARGE_RANK
-    if dtype in (torch.float32, torch.float64):
+    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
+    if dropout_out and sixteen_bit and (arch, large) in CONFIGS_16BIT_DROPOUT_DX:
+        return dict(CONFIGS_16BIT_DROPOUT_DX[arch, large])
+    if not sixteen_bit:
         table = CONFIGS_FP32_LARGE_RANK if large else CONFIGS_FP32
     elif large:
         table = CONFIGS_16BIT_LARGE_RANK
@@ -113,7 +163,7 @@ def fused_mm_config(arch: int, dtype: torch.dtype, rank: int) -> dict:
     return dict(table[arch])
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "dropout_threshold"])
 def _lora_fwd_kernel(
     # pointers
     x_ptr,  # X   (M, K)
@@ -143,13 +193,14 @@ def _lora_fwd_kernel(
     stride_tr,
     # scalars
     scaling,
-    dropout_p,
+    dropout_threshold,  # int32, see common.keep_threshold
     dropout_scale,  # 1 / (1 - dropout_p)
     seed,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     STORE_OUT: tl.constexpr,  # False: only T (dS without dx); the base GEMM is skipped
     STORE_T: tl.constexpr,
+    T_IN: tl.constexpr,  # read T (already scaled) instead of computing X P
     DROPOUT_IN: tl.constexpr,
     DROPOUT_OUT: tl.constexpr,
     R: tl.constexpr,  # RANK padded to a power of two >= 16
@@ -183,7 +234,7 @@ def _lora_fwd_kernel(
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
 
-    # --- main loop: each X tile is loaded once and feeds both dots
+    # --- main loop: each X tile is loaded once and feeds both dots (T_IN: only the base GEMM)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     xp = tl.zeros((BLOCK_M, R), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
@@ -195,11 +246,6 @@ def _lora_fwd_kernel(
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
-        p = tl.load(
-            p_ptr + offs_k64[:, None] * stride_pk + offs_r[None, :] * stride_pr,
-            mask=mask_k[:, None] & mask_r[None, :],
-            other=0.0,
-        )
         if STORE_OUT:
             w = tl.load(
                 w_cols + offs_k64[:, None] * stride_wk,
@@ -207,15 +253,25 @@ def _lora_fwd_kernel(
                 other=0.0,
             )
             acc = mma(x, w, acc, PRECISION, UPCAST)
-        if DROPOUT_IN:
-            keep = dropout_keep(seed, offs_m[:, None], offs_k[None, :], K, dropout_p)
-            x = tl.where(keep, x, 0.0)
-        xp = mma(x, p, xp, PRECISION, UPCAST)
+        if not T_IN:
+            p = tl.load(
+                p_ptr + offs_k64[:, None] * stride_pk + offs_r[None, :] * stride_pr,
+                mask=mask_k[:, None] & mask_r[None, :],
+                other=0.0,
+            )
+            if DROPOUT_IN:
+                keep = dropout_keep(seed, offs_m, k0, BLOCK_K, dropout_threshold)
+                x = tl.where(keep, x, 0.0)
+            xp = mma(x, p, xp, PRECISION, UPCAST)
 
     # --- epilogue: T = s * drop_in(X) P; out += s * drop_out(T Q) + b
-    if DROPOUT_IN:
-        xp = xp * dropout_scale
-    xp = xp * scaling
+    if T_IN:
+        t_ptrs = t_ptr + offs_m.to(tl.int64)[:, None] * stride_tm + offs_r[None, :] * stride_tr
+        xp = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    else:
+        if DROPOUT_IN:
+            xp = xp * dropout_scale
+        xp = xp * scaling
     if STORE_T:
         # Only the first column of tiles writes T; every column computed the same values.
         if pid_n == 0:
@@ -229,7 +285,7 @@ def _lora_fwd_kernel(
         )
         if DROPOUT_OUT:
             lora = mma_f32_lhs(xp, q, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), PRECISION, UPCAST)
-            keep = dropout_keep(seed, offs_m[:, None], offs_n[None, :], N, dropout_p)
+            keep = dropout_keep(seed, offs_m, pid_n * BLOCK_N, BLOCK_N, dropout_threshold)
             acc += tl.where(keep, lora * dropout_scale, 0.0)
         else:
             acc = mma_f32_lhs(xp, q, acc, PRECISION, UPCAST)
@@ -260,18 +316,21 @@ def fused_mm(
     dropout_in: bool = False,
     dropout_out: bool = False,
     seed: int = 0,
+    t_in: torch.Tensor | None = None,
     name: str = "lora_fwd",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Launch ``_lora_fwd_kernel``: ``x (M, K)``, ``wt (K, N)``, ``p (K, r)``, ``q (r, N)``
     (any strides) -> ``(out (M, N) | None, T (M, r) float32 (float64) | None)``. ``name`` labels the
-    launch (``lora_fwd`` / ``lora_bwd_dx``) for ``inspect``."""
+    launch for ``inspect``. ``t_in``: a T computed by an earlier ``store_out=False`` launch, read
+    instead of recomputing ``X P`` (then nothing is stored into T)."""
     (m, k), n, rank = x.shape, wt.shape[1], p.shape[1]
     out = alloc((m, n), x.dtype, x.device) if store_out else None
+    store_t = store_t and t_in is None
     t = alloc((m, rank), acc_dtype(x.dtype), x.device) if store_t else None
     if m == 0:
         return out, t
     out_arg = out if store_out else x  # never written: STORE_OUT / STORE_T are constexpr
-    t_arg = t if store_t else x
+    t_arg = t_in if t_in is not None else t if store_t else x
     n_tiles = triton.cdiv(n, config["BLOCK_N"]) if store_out else 1
     grid = (triton.cdiv(m, config["BLOCK_M"]) * n_tiles,)
     args = (
@@ -283,12 +342,13 @@ def fused_mm(
         q.stride(0), q.stride(1),
         out_arg.stride(0), out_arg.stride(1),
         t_arg.stride(0), t_arg.stride(1),
-        scaling, dropout_p, 1.0 / (1.0 - dropout_p), seed,
+        scaling, keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p), seed,
     )  # fmt: skip
     meta = {
         "HAS_BIAS": bias is not None,
         "STORE_OUT": store_out,
         "STORE_T": store_t,
+        "T_IN": t_in is not None,
         "DROPOUT_IN": dropout_in,
         "DROPOUT_OUT": dropout_out,
         "R": padded_rank(rank),

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import alloc, dropout_keep, launch, mma_f32_rhs, padded_rank, tl_dtype
+from .common import alloc, dropout_keep, keep_threshold, launch, mma_f32_rhs, padded_rank, tl_dtype
 
 # Per GPU generation. BLOCK_M is the reduction step; BLOCK_D the width of the output tile.
 # Ranks padded to >= 64 double the warps (and Ampere halves BLOCK_M): the (BLOCK_D x R)
@@ -33,6 +33,11 @@ GRAD_CONFIGS_LARGE_RANK = {
     9: {"BLOCK_M": 64, "BLOCK_D": 128, "num_warps": 8, "num_stages": 4},
 }
 LARGE_RANK = 64
+# With dropout (dA only), the mask's Philox state joins the registers: Ampere takes its
+# large-rank config at every rank (64 x 128 spills at R >= 64). Keyed by arch.
+GRAD_CONFIGS_16BIT_DROPOUT = {
+    8: {"BLOCK_M": 32, "BLOCK_D": 128, "num_warps": 8, "num_stages": 3},
+}
 GRAD_CONFIGS_FP32 = {
     8: {"BLOCK_M": 32, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3},
     9: {"BLOCK_M": 32, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3},
@@ -44,10 +49,14 @@ PROGRAMS_PER_SM = 2
 MIN_CHUNK_BLOCKS = 4
 
 
-def grad_config(arch: int, dtype: torch.dtype, rank: int) -> dict:
-    """Launch config of ``_lora_grad_kernel`` for compute-capability major ``arch``."""
+def grad_config(arch: int, dtype: torch.dtype, rank: int, dropout: bool = False) -> dict:
+    """Launch config of ``_lora_grad_kernel`` for compute-capability major ``arch``;
+    ``dropout`` for the dA launch with dropout."""
     arch = min(max(arch, KNOWN_ARCHS[0]), KNOWN_ARCHS[-1])
-    if dtype in (torch.float32, torch.float64):
+    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
+    if dropout and sixteen_bit and arch in GRAD_CONFIGS_16BIT_DROPOUT:
+        return dict(GRAD_CONFIGS_16BIT_DROPOUT[arch])
+    if not sixteen_bit:
         table = GRAD_CONFIGS_FP32
     elif padded_rank(rank) >= LARGE_RANK:
         table = GRAD_CONFIGS_LARGE_RANK
@@ -64,7 +73,7 @@ def num_splits(m: int, d: int, config: dict, num_sms: int) -> int:
     return max(1, min(by_occupancy, by_length))
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "dropout_threshold"])
 def _lora_grad_kernel(
     # pointers
     u_ptr,  # U (M, RANK) ACC
@@ -84,7 +93,7 @@ def _lora_grad_kernel(
     stride_pr,
     stride_pd,
     # scalars
-    dropout_p,
+    dropout_threshold,  # int32, see common.keep_threshold
     dropout_scale,
     seed,
     # meta-parameters
@@ -124,7 +133,7 @@ def _lora_grad_kernel(
             other=0.0,
         )
         if DROPOUT:
-            keep = dropout_keep(seed, offs_m[:, None], offs_d[None, :], D, dropout_p)
+            keep = dropout_keep(seed, offs_m, pid_d * BLOCK_D, BLOCK_D, dropout_threshold)
             v = tl.where(keep, v, 0.0)
         acc = mma_f32_rhs(tl.trans(v), u, acc, PRECISION, UPCAST)
 
@@ -173,7 +182,7 @@ def lora_grad(
         u.stride(0), u.stride(1),
         v.stride(0), v.stride(1),
         stride_ps, stride_pr, stride_pd,
-        dropout_p, 1.0 / (1.0 - dropout_p), seed,
+        keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p), seed,
     )  # fmt: skip
     meta = {
         "DROPOUT": dropout_p > 0.0,

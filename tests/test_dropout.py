@@ -1,0 +1,189 @@
+"""LoRA dropout: peft's semantics, a mask regenerated from a seed, nothing extra saved.
+
+The mask is read back exactly: with ``K = r = N``, ``W = 0``, ``A = B = I`` and ``s = 1`` the
+layer outputs ``dropout(x)`` itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import KERNEL_DEVICE, TRITON_TOL, assert_close, make_params, make_x, seed_for
+
+from lora_kernels import LoRALayer, LoRALinearFunction, lora_linear, triton_path
+from lora_kernels.kernels import common
+from lora_kernels.reference import lora_linear_reference
+
+BACKENDS = ["torch", "triton"]
+DEVICE = {"torch": "cpu", "triton": KERNEL_DEVICE}
+TOL = {"torch": {torch.float32: 1e-5, torch.float16: 2e-3}, "triton": TRITON_TOL}
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+
+
+def dropped(x, p, seed, backend):
+    """``dropout(x)`` as the LoRA branch sees it, read through the layer itself."""
+    k = x.shape[-1]
+    eye = torch.eye(k, dtype=x.dtype, device=x.device)
+    zeros = torch.zeros(k, k, dtype=x.dtype, device=x.device)
+    return lora_linear(x, zeros, None, eye, eye, 1.0, dropout_p=p, seed=seed, backend=backend)
+
+
+def read_mask(m, k, p, seed, backend):
+    ones = torch.ones(m, k, device=DEVICE[backend])
+    return dropped(ones, p, seed, backend) != 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kept_fraction_and_values(backend, p, dtype):
+    m, k = 256, 64
+    gen = torch.Generator().manual_seed(seed_for(backend, p, dtype))
+    x = (torch.rand(m, k, generator=gen) + 0.5).to(dtype).to(DEVICE[backend])  # never zero
+    y = dropped(x, p, 1234, backend)
+    keep = y != 0
+    n = keep.numel()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma
+    # Kept values are exactly x / (1 - p), as fp32 x * (1 / (1 - p)) rounded once to the dtype.
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
+    expected = (x.float() * scale).to(dtype)
+    assert torch.equal(y[keep], expected[keep])
+    assert torch.equal(y[~keep], torch.zeros_like(y[~keep]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seed_determines_the_mask(backend):
+    a = read_mask(100, 40, 0.3, 7, backend)
+    assert torch.equal(a, read_mask(100, 40, 0.3, 7, backend))
+    assert not torch.equal(a, read_mask(100, 40, 0.3, 8, backend))
+    # Columns are independent draws: no two rows (or columns) repeat the same pattern.
+    assert len({tuple(r.tolist()) for r in a}) == a.shape[0]
+
+
+def test_triton_mask_does_not_depend_on_tiles(monkeypatch):
+    """Ampere's and Hopper's tile configs (different BLOCK sizes everywhere) give one mask."""
+    masks = []
+    for arch in (8, 9):
+        monkeypatch.setattr(triton_path, "INTERPRETER_ARCH", arch)
+        triton_path._device_facts.cache_clear()
+        masks.append(read_mask(300, 130, 0.2, 99, "triton"))
+    triton_path._device_facts.cache_clear()
+    assert torch.equal(masks[0], masks[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_manual_seed_reproduces(backend):
+    gen = torch.Generator().manual_seed(3)
+    x = make_x((20,), 16, torch.float32, "contiguous", gen).to(DEVICE[backend])
+    p = {
+        k: v.to(DEVICE[backend]) for k, v in make_params(16, 8, 4, torch.float32, True, gen).items()
+    }
+
+    def call():
+        return lora_linear(x, **p, dropout_p=0.5, backend=backend)  # seed=None: drawn
+
+    torch.manual_seed(0)
+    y1 = call()
+    y2 = call()
+    torch.manual_seed(0)
+    assert torch.equal(call(), y1)
+    assert not torch.equal(y1, y2)
+
+
+def test_layer_manual_seed_and_eval():
+    torch.manual_seed(4)
+    layer = LoRALayer(32, 16, rank=4, dropout=0.3, init="seed")
+    x = torch.randn(10, 32)
+    torch.manual_seed(1)
+    y1 = layer(x)
+    torch.manual_seed(1)
+    assert torch.equal(layer(x), y1)
+    layer.eval()
+    no_dropout = lora_linear(
+        x, layer.linear.weight, layer.linear.bias, layer.lora_A, layer.lora_B, layer.scaling
+    )
+    assert torch.equal(layer(x), no_dropout)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "lead, k, n, rank",
+    [
+        ((64,), 64, 64, 8),
+        # odd shapes
+        ((17,), 33, 20, 5),
+        ((127,), 17, 300, 3),
+        ((3, 7), 130, 9, 33),
+    ],
+)
+def test_backward_uses_the_forward_mask(backend, dtype, lead, k, n, rank):
+    """Output and every gradient equal the reference with the read-back mask applied."""
+    p, seed, scaling = 0.25, 2024, 0.5
+    gen = torch.Generator().manual_seed(seed_for(backend, dtype, lead, k, n, rank))
+    dev = DEVICE[backend]
+    x = make_x(lead, k, dtype, "contiguous", gen).to(dev)
+    params = {k_: v.to(dev) for k_, v in make_params(k, n, rank, dtype, True, gen).items()}
+    dy = torch.randn(*lead, n, generator=gen).to(dtype).to(dev)
+    mask = read_mask(math.prod(lead), k, p, seed, backend).reshape(*lead, k)
+
+    leaves = {"x": x, **params}
+    leaves = {name: t.detach().clone().requires_grad_(True) for name, t in leaves.items()}
+    y = lora_linear(*leaves.values(), scaling, dropout_p=p, seed=seed, backend=backend)
+    y.backward(dy)
+
+    ref_leaves = {name: t.detach().double().requires_grad_(True) for name, t in leaves.items()}
+    y_ref = lora_linear_reference(
+        *ref_leaves.values(), scaling, dropout_mask=mask.double(), dropout_p=p
+    )
+    y_ref.backward(dy.double())
+    tol = TOL[backend][dtype]
+    assert_close("y", y, y_ref, tol)
+    for name in leaves:
+        assert_close(f"d{name}", leaves[name].grad, ref_leaves[name].grad, tol)
+
+
+def test_triton_gradcheck_with_dropout():
+    gen = torch.Generator().manual_seed(5)
+    x = make_x((2, 3), 6, torch.float64, "contiguous", gen)
+    p = make_params(6, 4, 3, torch.float64, True, gen)
+    inputs = [x, p["weight"], p["bias"], p["lora_A"], p["lora_B"]]
+    inputs = [t.to(KERNEL_DEVICE).requires_grad_(True) for t in inputs]
+
+    def fn(*tensors):
+        return LoRALinearFunction.apply(*tensors, 0.7, 0.4, 77, "triton")
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def saved_bytes(backend, dropout_p):
+    """Bytes of every tensor saved for backward by one call (x, A, B requiring grad)."""
+    gen = torch.Generator().manual_seed(6)
+    dev = DEVICE[backend]
+    x = make_x((128,), 64, torch.float32, "contiguous", gen).to(dev).requires_grad_(True)
+    p = {k: v.to(dev) for k, v in make_params(64, 48, 8, torch.float32, True, gen).items()}
+    A, B = p["lora_A"].requires_grad_(True), p["lora_B"].requires_grad_(True)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lora_linear(x, p["weight"], p["bias"], A, B, dropout_p=dropout_p, backend=backend)
+    return sorted(sizes)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_saves_nothing_more(backend):
+    with_dropout = saved_bytes(backend, 0.1)
+    assert with_dropout == saved_bytes(backend, 0.0)
+    # x (128 x 64 fp32), W, A, B and S (128 x 8 fp32): nothing of size M x K but x itself.
+    assert with_dropout.count(128 * 64 * 4) == 1
