@@ -7,13 +7,13 @@ TORCH_PIN ?= torch==2.13.0
 TRITON_PIN ?= triton==3.9.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)" "$(TRITON_PIN)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,peft]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,6 +25,11 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q
+
+# The CPU benchmark (a few minutes; writes benchmarks/results/) and the GPU roofline predictions.
+bench: $(STAMP)
+	$(PY) benchmarks/bench_fused.py
+	$(PY) benchmarks/bench_fused.py --predict
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -3,7 +3,9 @@
 ``y = x W^T + b + scaling * (dropout(x) A) B``
 """
 
-from . import function, reference, torch_path, triton_path  # noqa: F401  (public submodules)
+from . import function, reference, torch_path  # noqa: F401  (public submodules; triton_path,
+
+# kernels, inspect and roofline import on demand: triton is not needed to import the package)
 from .function import LoRALinearFunction, lora_linear
 from .layer import LoRALayer
 

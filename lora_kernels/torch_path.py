@@ -11,20 +11,7 @@ from __future__ import annotations
 
 import torch
 
-
-def dropout_keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """Boolean keep-mask of ``shape``: a pure function of ``(seed, element position)``.
-
-    Backward calls this again with the same seed instead of saving an ``(M, K)`` tensor.
-    """
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return torch.rand(shape, generator=gen, device=device, dtype=torch.float32) >= p
-
-
-def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    keep = dropout_keep_mask(x.shape, p, seed, x.device)
-    return x.masked_fill(~keep, 0).mul_(1.0 / (1.0 - p))
+from .dropout import keep_mask
 
 
 def forward(
@@ -38,8 +25,12 @@ def forward(
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x (M, K) -> (y (M, N), S (M, r))`` with ``y = x W^T + b + scaling * S B``."""
-    x_lora = _dropped(x, dropout_p, seed) if dropout_p > 0.0 else x
-    S = x_lora @ lora_A
+    if dropout_p > 0.0:
+        keep = keep_mask(x.shape, dropout_p, seed, x.device)
+        # NOTE: the 1 / (1 - p) of the kept elements is applied to S (M x r), not to x (M x K).
+        S = (torch.where(keep, x, 0) @ lora_A).mul_(1.0 / (1.0 - dropout_p))
+    else:
+        S = x @ lora_A
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
     y.addmm_(S, lora_B, alpha=scaling)
     return y, S
@@ -64,18 +55,24 @@ def backward(
     """
     need_x, need_w, need_b, need_a, need_lb = needs
     dx = dw = db = da = dlb = None
+    dropout = dropout_p > 0.0 and (need_x or need_a)
+    if dropout:  # the forward's (M, K) mask, regenerated once for both dx and dA
+        keep = keep_mask((dy.shape[0], weight.shape[1]), dropout_p, seed, dy.device)
     if need_x or need_a:
-        # NOTE: scaling folded into dS (M x r) once: both dx and dA take it from there.
-        dS = (dy @ lora_B.t()).mul_(scaling)
+        # NOTE: scaling (and dropout's 1 / (1 - p)) folded into dS (M x r) once: dx and dA both
+        # take it from there.
+        factor = scaling / (1.0 - dropout_p) if dropout else scaling
+        dS = (dy @ lora_B.t()).mul_(factor)
     if need_x:
         dx = dy @ weight
-        if dropout_p > 0.0:
-            dx.add_(_dropped(dS @ lora_A.t(), dropout_p, seed))
+        if dropout:
+            # NOTE: where, not a multiply by the bool mask: the multiply converts the mask to
+            # floats first, a pass that costs ~4x the where on CPU.
+            dx.add_(torch.where(keep, dS @ lora_A.t(), 0))
         else:
             dx.addmm_(dS, lora_A.t())
     if need_a:
-        x_lora = _dropped(x, dropout_p, seed) if dropout_p > 0.0 else x
-        da = x_lora.t() @ dS
+        da = (torch.where(keep, x, 0) if dropout else x).t() @ dS
     if need_lb:
         dlb = (S.t() @ dy).mul_(scaling)
     if need_w:

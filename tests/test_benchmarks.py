@@ -33,3 +33,42 @@ def test_saved_memory_counts(dropout):
     peft = [r for name, r in rows.items() if name.startswith("peft") and r is not None]
     for r in peft:  # when peft is installed: its dropped copy of x
         assert r["activations"] == (2 * x_bytes if dropout else x_bytes) + 64 * 4 * 2
+
+
+def test_bench_fused_quick(tmp_path, capsys):
+    """The benchmark end to end on tiny shapes: table, targets, predictions, JSON and PNG."""
+    bench = load("bench_fused")
+    assert bench.main(["--quick", "--out", str(tmp_path), "--name", "quick"]) == 0
+    out = capsys.readouterr().out
+    assert "PREDICTION" in out and "target:" in out
+    import json
+
+    result = json.loads((tmp_path / "quick.json").read_text())
+    env = result["environment"]
+    assert {"device_name", "torch", "triton", "peft", "date"} <= env.keys()
+    rows = result["rows"]
+    providers = {"lora_kernels", "reference", "linear"} | ({"peft"} if env["peft"] else set())
+    seen = {(r["provider"], r["mode"], r["dropout"]) for r in rows}
+    assert seen == {(p, m, d) for p in providers for m in bench.MODES for d in bench.DROPOUTS}
+    for r in rows:
+        assert r["median_ms"] > 0 and r["tflops"] > 0 and r["gbps"] > 0
+        if r["provider"] == "lora_kernels":
+            assert r["saved_beyond_x"] <= r["S_bytes"]
+    assert (tmp_path / "quick.png").stat().st_size > 0
+
+
+def test_bench_fused_predict(capsys):
+    assert load("bench_fused").main(["--predict"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("PREDICTION") and "H100" in out and "A100" in out
+
+
+def test_roofline_reproduces_the_design_figures():
+    """DESIGN.md's H100 figures for the frozen linear and peft, from the same model."""
+    from lora_kernels import roofline
+
+    shape = roofline.Shape(8192, 4096, 4096, 16)
+    linear = roofline.predict("linear", shape, "fwd+bwd", "H100")["time"]
+    peft = roofline.predict("peft", shape, "fwd+bwd", "H100")["time"]
+    assert abs(linear * 1e3 - 0.70) < 0.005
+    assert abs(peft * 1e3 - 1.06) < 0.01

@@ -139,12 +139,6 @@ def to_output(acc, dtype: tl.constexpr, UPCAST: tl.constexpr):
     return acc.to(dtype)
 
 
-def keep_threshold(p: float) -> int:
-    """The int32 the kernels compare Philox words against: keep iff ``word >= p * 2**32``,
-    shifted by ``-2**31`` so it is always a signed 32-bit argument (one compiled variant)."""
-    return min(int(p * 2**32), 2**32 - 1) - 2**31
-
-
 @triton.jit
 def dropout_keep(seed, rows, col_start, BLOCK_COLS: tl.constexpr, threshold):
     """Keep-mask ``(len(rows), BLOCK_COLS)`` of the elements ``(row, col_start + j)`` of x.
@@ -158,6 +152,6 @@ def dropout_keep(seed, rows, col_start, BLOCK_COLS: tl.constexpr, threshold):
     counters = (rows.to(tl.int64)[:, None] << 32) + quads[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, counters)
     words = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
-    # NOTE: flipping the top bit maps uint32 order onto int32 order (see keep_threshold).
+    # NOTE: flipping the top bit maps uint32 order onto int32 order (lora_kernels.dropout).
     signed = (words ^ 0x80000000).to(tl.int32, bitcast=True)
     return signed >= threshold

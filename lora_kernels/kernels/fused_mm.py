@@ -20,11 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dropout import keep_threshold
 from .common import (
     acc_dtype,
     alloc,
     dropout_keep,
-    keep_threshold,
     launch,
     mma,
     mma_f32_lhs,
@@ -193,7 +193,7 @@ def _lora_fwd_kernel(
     stride_tr,
     # scalars
     scaling,
-    dropout_threshold,  # int32, see common.keep_threshold
+    dropout_threshold,  # int32, see lora_kernels.dropout.keep_threshold
     dropout_scale,  # 1 / (1 - dropout_p)
     seed,
     # meta-parameters

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import alloc, dropout_keep, keep_threshold, launch, mma_f32_rhs, padded_rank, tl_dtype
+from ..dropout import keep_threshold
+from .common import alloc, dropout_keep, launch, mma_f32_rhs, padded_rank, tl_dtype
 
 # Per GPU generation. BLOCK_M is the reduction step; BLOCK_D the width of the output tile.
 # Ranks padded to >= 64 double the warps (and Ampere halves BLOCK_M): the (BLOCK_D x R)
@@ -93,7 +94,7 @@ def _lora_grad_kernel(
     stride_pr,
     stride_pd,
     # scalars
-    dropout_threshold,  # int32, see common.keep_threshold
+    dropout_threshold,  # int32, see lora_kernels.dropout.keep_threshold
     dropout_scale,
     seed,
     # meta-parameters

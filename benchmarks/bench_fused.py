@@ -1,0 +1,427 @@
+"""Benchmark one LoRA layer: lora_kernels against the reference, peft and a frozen nn.Linear.
+
+    python benchmarks/bench_fused.py            # measure this device, print, write results/
+    python benchmarks/bench_fused.py --predict  # the roofline table for A100 / H100 only
+    python benchmarks/bench_fused.py --quick    # tiny shapes, a few repetitions (CI smoke run)
+    pytest benchmarks/bench_fused.py            # the CPU small shape under pytest-benchmark
+
+Providers share the same weights and inputs: ``lora_kernels`` (``LoRALayer``: Triton kernels on
+CUDA, the torch path on CPU), ``reference`` (the seeds' plain PyTorch formula, with
+``F.dropout`` on the LoRA branch), ``peft`` (peft's LoRA ``Linear``, when installed) and
+``linear`` (the frozen ``nn.Linear`` alone, the floor). Modes: forward (autograd recording),
+backward, forward+backward; x requires grad, the base weight is frozen; LoRA dropout 0 and 0.1.
+
+Timing: on CUDA, ``triton.testing.do_bench`` (median of CUDA-event timings after warm-up); on
+CPU, the providers are interleaved repetition by repetition (order rotating) and each takes its
+median, so the machine's drift hits them alike. Compare ratios from one run, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # saved_memory, as a script
+from saved_memory import saved_bytes  # noqa: E402
+
+import lora_kernels  # noqa: E402
+from lora_kernels import LoRALayer, roofline  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+MODES = ("fwd", "bwd", "fwd+bwd")
+DROPOUTS = (0.0, 0.1)
+# (M tokens, K in, N out, rank)
+GPU_SHAPES = [
+    (m, k, n, r)
+    for m in (2048, 8192)
+    for k, n in ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))
+    for r in (8, 16, 64)
+]
+GPU_DTYPES = (torch.bfloat16, torch.float16)
+CPU_SHAPES = [(4096, 1024, 1024, 16), (512, 256, 256, 8)]
+QUICK_SHAPES = [(64, 32, 48, 4)]
+# The issue's targets, printed beside the measurements (fwd+bwd time ratios).
+CPU_TARGETS = {
+    ("peft", 0.0): 0.85,
+    ("peft", 0.1): 0.85,
+    ("linear", 0.0): 1.15,
+    ("linear", 0.1): 1.4,
+}
+GPU_TARGET = {"shape": (8192, 4096, 4096, 16), "vs_linear": 1.07, "vs_peft": 1 / 1.4}
+
+
+class ReferenceLoRA(nn.Module):
+    """The seeds' formula in plain PyTorch (``lora_linear_reference``), with ``F.dropout``."""
+
+    def __init__(self, base: nn.Linear, lora_A, lora_B, scaling: float, dropout: float):
+        super().__init__()
+        self.base, self.scaling, self.dropout = base, scaling, dropout
+        self.lora_A, self.lora_B = nn.Parameter(lora_A), nn.Parameter(lora_B)
+
+    def forward(self, x):
+        x_lora = F.dropout(x, self.dropout, training=True) if self.dropout else x
+        return self.base(x) + self.scaling * (x_lora @ self.lora_A @ self.lora_B)
+
+
+def build_providers(shape, dtype, device, dropout) -> dict[str, nn.Module]:
+    """Every provider over the same frozen weight and the same (non-zero) LoRA factors."""
+    m, k, n, r = shape
+    gen = torch.Generator().manual_seed(0)
+    base = nn.Linear(k, n, device=device, dtype=dtype).requires_grad_(False)
+    lora_A = (torch.randn(k, r, generator=gen) / math.sqrt(k)).to(device, dtype)
+    lora_B = (torch.randn(r, n, generator=gen) / math.sqrt(r)).to(device, dtype)
+    alpha = 2 * r
+    ours = LoRALayer.from_linear(copy.deepcopy(base), rank=r, alpha=alpha, dropout=dropout)
+    with torch.no_grad():
+        ours.lora_A.copy_(lora_A)
+        ours.lora_B.copy_(lora_B)
+    providers = {
+        "lora_kernels": ours,
+        "reference": ReferenceLoRA(
+            copy.deepcopy(base), lora_A.clone(), lora_B.clone(), alpha / r, dropout
+        ),
+        "linear": base,
+    }
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return providers
+    model = nn.Sequential()
+    model.add_module("proj", copy.deepcopy(base))
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"])
+    peft_model = get_peft_model(model, config)
+    layer = peft_model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(lora_A.t())
+        layer.lora_B["default"].weight.copy_(lora_B.t())
+    providers["peft"] = peft_model.to(device, dtype)
+    return providers
+
+
+def _zero_grads(module, x):
+    x.grad = None
+    for p in module.parameters():
+        p.grad = None
+
+
+def time_cpu(providers, mode, x, dy, reps, warmup) -> dict[str, float]:
+    """Median seconds per call, providers interleaved and their order rotated every rep."""
+    names = list(providers)
+    samples = {name: [] for name in names}
+    for rep in range(warmup + reps):
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        for name in order:
+            module = providers[name]
+            if mode == "bwd":
+                y = module(x)
+            start = time.perf_counter()
+            if mode == "fwd":
+                module(x)
+            elif mode == "bwd":
+                y.backward(dy)
+            else:
+                module(x).backward(dy)
+            elapsed = time.perf_counter() - start
+            _zero_grads(module, x)
+            if rep >= warmup:
+                samples[name].append(elapsed)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def _cuda_step(module, mode, xs, dy):
+    """The callable ``do_bench`` times: one call of ``mode``, cycling through the inputs."""
+    calls = iter(range(10**12))
+    if mode == "bwd":
+        y = module(xs[0])
+        return lambda: y.backward(dy, retain_graph=True)
+    if mode == "fwd":
+        return lambda: module(xs[next(calls) % len(xs)])
+    return lambda: module(xs[next(calls) % len(xs)]).backward(dy)
+
+
+def time_cuda(providers, mode, xs, dy, reps) -> dict[str, float]:
+    """Median seconds per call (CUDA events, ``triton.testing.do_bench``), inputs rotating."""
+    from triton.testing import do_bench
+
+    out = {}
+    for name, module in providers.items():
+        params = [p for p in module.parameters() if p.requires_grad]
+        step = _cuda_step(module, mode, xs, dy)
+        ms = do_bench(step, rep=reps, grad_to_none=[*xs, *params], return_mode="median")
+        out[name] = ms * 1e-3
+    return out
+
+
+def run_config(shape, dtype, device, dropout, reps, warmup) -> list[dict]:
+    m, k, n, r = shape
+    providers = build_providers(shape, dtype, device, dropout)
+    gen = torch.Generator().manual_seed(1)
+    xs = [
+        torch.randn(m, k, generator=gen).to(device, dtype).requires_grad_(True)
+        for _ in range(3 if device.type == "cuda" else 1)
+    ]
+    dy = torch.randn(m, n, generator=gen).to(device, dtype)
+    roof = roofline.Shape(m, k, n, r, elem=torch.finfo(dtype).bits // 8, dropout=dropout)
+    x_bytes = m * k * xs[0].element_size()
+    s_bytes = m * r * xs[0].element_size()
+
+    memory = {}
+    for name, module in providers.items():
+        saved = saved_bytes(lambda module=module: module(xs[0]), list(module.parameters()))
+        memory[name] = {"saved_bytes": saved["activations"]}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            module(xs[0]).backward(dy)
+            torch.cuda.synchronize()
+            memory[name]["peak_cuda_bytes"] = torch.cuda.max_memory_allocated() - before
+            _zero_grads(module, xs[0])
+
+    rows = []
+    for mode in MODES:
+        if device.type == "cuda":
+            times = time_cuda(providers, mode, xs, dy, reps)
+        else:
+            times = time_cpu(providers, mode, xs[0], dy, reps, warmup)
+        for name, seconds in times.items():
+            # FLOPs: the math each provider must do (LoRA providers all count the unfused LoRA
+            # math, peft's op list); bytes: the provider's own minimal DRAM traffic model.
+            flops_of = "linear" if name == "linear" else "peft"
+            model = {"lora_kernels": "lora_kernels", "linear": "linear"}.get(name, "peft")
+            if device.type != "cuda" and name == "lora_kernels":
+                model = "peft"  # the CPU torch path runs the unfused op sequence too
+            flops = sum(f for _, f, _ in roofline.kernels(flops_of, roof, mode))
+            nbytes = sum(b for _, _, b in roofline.kernels(model, roof, mode))
+            rows.append(
+                {
+                    "M": m,
+                    "K": k,
+                    "N": n,
+                    "r": r,
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "dropout": dropout,
+                    "mode": mode,
+                    "provider": name,
+                    "median_ms": seconds * 1e3,
+                    "tflops": flops / seconds / 1e12,
+                    "gbps": nbytes / seconds / 1e9,
+                    "vs_linear": seconds / times["linear"],
+                    "vs_peft": seconds / times["peft"] if "peft" in times else None,
+                    "saved_bytes": memory[name]["saved_bytes"],
+                    "saved_beyond_x": memory[name]["saved_bytes"] - x_bytes,
+                    "S_bytes": s_bytes,
+                    "peak_cuda_bytes": memory[name].get("peak_cuda_bytes"),
+                }
+            )
+    return rows
+
+
+def environment(device) -> dict:
+    import triton
+
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    return {
+        "device": str(device),
+        "device_name": name or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "peft": peft_version,
+        "lora_kernels": lora_kernels.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def format_rows(rows) -> str:
+    head = f"{'M':>5} {'K':>5} {'N':>5} {'r':>3} {'dtype':8} {'drop':>4} {'mode':8} "
+    head += f"{'provider':13} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>7} {'vs linear':>9} "
+    head += f"{'vs peft':>8} {'saved MiB':>9} {'beyond x':>9}"
+    lines = [head]
+    for r in rows:
+        vs_peft = f"{r['vs_peft']:7.2f}x" if r["vs_peft"] is not None else f"{'-':>8}"
+        lines.append(
+            f"{r['M']:5d} {r['K']:5d} {r['N']:5d} {r['r']:3d} {r['dtype']:8} {r['dropout']:4.1f} "
+            f"{r['mode']:8} {r['provider']:13} {r['median_ms']:9.3f} {r['tflops']:8.3f} "
+            f"{r['gbps']:7.1f} {r['vs_linear']:8.2f}x {vs_peft} "
+            f"{r['saved_bytes'] / 2**20:9.2f} {r['saved_beyond_x'] / 2**20:9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def check_targets(rows, device) -> list[str]:
+    """The issue's targets beside what this run measured (the largest shape of the run)."""
+    lines = []
+    ours = [r for r in rows if r["provider"] == "lora_kernels" and r["mode"] == "fwd+bwd"]
+    if not ours:
+        return lines
+    if device.type == "cpu":
+        biggest = max((r["M"] * r["K"] * r["N"], r["M"]) for r in ours)[1]
+        for (other, p), bound in CPU_TARGETS.items():
+            for r in ours:
+                if r["M"] != biggest or r["dropout"] != p:
+                    continue
+                ratio = r["vs_peft"] if other == "peft" else r["vs_linear"]
+                if ratio is None:
+                    lines.append(f"target vs {other} at dropout {p}: <= {bound}x: peft missing")
+                    continue
+                verdict = "met" if ratio <= bound else "MISSED"
+                lines.append(
+                    f"target: fwd+bwd lora_kernels / {other} at dropout {p} <= {bound}x "
+                    f"(M={r['M']}): measured {ratio:.2f}x, {verdict}"
+                )
+    for r in ours:
+        verdict = "met" if r["saved_beyond_x"] <= r["S_bytes"] else "MISSED"
+        lines.append(
+            f"target: saved beyond x <= S ({r['S_bytes']} B) at M={r['M']} dropout {r['dropout']}:"
+            f" {r['saved_beyond_x']} B, {verdict}"
+        )
+    return lines
+
+
+def predictions() -> str:
+    m, k, n, r = GPU_TARGET["shape"]
+    shapes = [roofline.Shape(m, k, n, r, dropout=p) for p in DROPOUTS]
+    rows = roofline.table(shapes, modes=("fwd+bwd",))
+    out = ["PREDICTION (roofline model, not a measurement): bf16, H100 and A100"]
+    out.append(roofline.format_rows(rows))
+    for row in rows:
+        if row["gpu"] == "H100" and row["provider"] == "lora_kernels":
+            out.append(
+                f"target (H100, dropout {row['dropout']}): <= {GPU_TARGET['vs_linear']}x linear,"
+                f" >= 1.4x faster than peft: predicted {row['vs_linear']:.2f}x linear, "
+                f"{1 / row['vs_peft']:.2f}x faster than peft"
+            )
+    return "\n".join(out)
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = [r for r in rows if r["mode"] == "fwd+bwd"]
+    groups = sorted({(r["M"], r["K"], r["N"], r["r"], r["dtype"], r["dropout"]) for r in data})
+    providers = [
+        p
+        for p in ("linear", "lora_kernels", "peft", "reference")
+        if p in {r["provider"] for r in data}
+    ]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    width = 0.8 / len(providers)
+    for i, prov in enumerate(providers):
+        values = []
+        for g in groups:
+            match = [
+                r
+                for r in data
+                if r["provider"] == prov
+                and (r["M"], r["K"], r["N"], r["r"], r["dtype"], r["dropout"]) == g
+            ]
+            values.append(match[0]["vs_linear"] if match else 0)
+        ax.bar([j + i * width for j in range(len(groups))], values, width, label=prov)
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    ax.set_xticklabels(
+        [f"M{g[0]} K{g[1]} N{g[2]}\nr{g[3]} {g[4]} p={g[5]}" for g in groups], fontsize=8
+    )
+    ax.set_ylabel("fwd+bwd time / frozen nn.Linear")
+    ax.set_title("LoRA layer, forward + backward (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--predict", action="store_true", help="print the roofline table only")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results directory")
+    parser.add_argument("--name", default=None, help="file stem of the JSON / PNG results")
+    args = parser.parse_args(argv)
+    if args.predict:
+        print(predictions())
+        return 0
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.quick:
+        shapes, dtypes, reps, warmup = QUICK_SHAPES, (torch.float32,), args.reps or 3, 1
+    elif device.type == "cuda":
+        shapes, dtypes, reps, warmup = GPU_SHAPES, GPU_DTYPES, args.reps or 100, 0
+    else:
+        shapes, dtypes, reps, warmup = CPU_SHAPES, (torch.float32,), args.reps or 25, 3
+    env = environment(device)
+    print(f"device: {env['device_name']} ({env['device']}, {env['cpu_threads']} CPU threads), "
+          f"torch {env['torch']}, triton {env['triton']}, peft {env['peft']}")  # fmt: skip
+    rows = []
+    for shape in shapes:
+        for dtype in dtypes:
+            for dropout in DROPOUTS:
+                rows += run_config(shape, dtype, device, dropout, reps, warmup)
+    print(format_rows(rows))
+    print("\n".join(check_targets(rows, device)))
+    print()
+    print(predictions())
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or f"bench_{device.type}"
+    (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    plot(rows, args.out / f"{stem}.png")
+    print(f"\nwrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
+    return 0
+
+
+# --- pytest-benchmark: `pytest benchmarks/bench_fused.py` (small CPU shape, fwd+bwd) ---------
+
+try:
+    import pytest
+except ImportError:  # running as a script without pytest installed
+    pytest = None
+
+if pytest is not None:
+
+    @pytest.mark.parametrize("dropout", DROPOUTS)
+    @pytest.mark.parametrize("provider", ["lora_kernels", "reference", "peft", "linear"])
+    def test_fwd_bwd(benchmark, provider, dropout):
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        shape = CPU_SHAPES[-1]
+        providers = build_providers(shape, torch.float32, device, dropout)
+        if provider not in providers:
+            pytest.skip(f"{provider} is not installed")
+        module = providers[provider]
+        x = torch.randn(shape[0], shape[1], device=device, requires_grad=True)
+        dy = torch.randn(shape[0], shape[2], device=device)
+        benchmark.extra_info.update(environment(device))
+
+        def step():
+            module(x).backward(dy)
+            _zero_grads(module, x)
+
+        benchmark(step)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

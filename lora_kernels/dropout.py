@@ -1,0 +1,67 @@
+"""The dropout mask both backends share the definition of: keep iff a random 32-bit word is at
+least ``p * 2**32``. Kept elements are scaled by ``1 / (1 - p)``, as ``nn.Dropout`` does."""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+# CPU masks are drawn in chunks of this many 64-bit words (two elements each), every chunk from
+# its own generator seeded by (seed, chunk index): the chunks fill in parallel, and the mask is
+# the same whatever the thread count. 2**18 words = 2 MiB, a chunk that stays in cache.
+CHUNK_WORDS = 2**18
+_MASK64 = 2**64 - 1
+_pool: ThreadPoolExecutor | None = None
+_pool_pid: int | None = None
+
+
+def keep_threshold(p: float) -> int:
+    """The signed 32-bit threshold: keep iff ``word - 2**31 >= keep_threshold(p)``.
+
+    Shifted by ``-2**31`` so it compares against words read as int32 (and is always a 32-bit
+    argument to the kernels: one compiled variant).
+    """
+    return min(int(p * 2**32), 2**32 - 1) - 2**31
+
+
+def _chunk_seed(seed: int, chunk: int) -> int:
+    """splitmix64 of (seed, chunk): decorrelated 64-bit seeds for the chunks' generators."""
+    z = (seed * 0x9E3779B97F4A7C15 + (chunk + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    global _pool, _pool_pid
+    if _pool is None or _pool_pid != os.getpid():  # a forked child needs threads of its own
+        _pool, _pool_pid = ThreadPoolExecutor(max(1, torch.get_num_threads())), os.getpid()
+    return _pool
+
+
+def _fill(args) -> None:
+    words, seed = args
+    gen = torch.Generator(device=words.device)
+    gen.manual_seed(seed)
+    words.random_(-(2**63), None, generator=gen)
+
+
+def keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """The torch path's boolean keep-mask of ``shape``: a pure function of ``(seed, position)``
+    (and of the device type: CPU and CUDA generators differ).
+
+    Full-range 64-bit draws read as two int32 words each, compared with ``keep_threshold(p)``.
+    On CPU the words come in fixed chunks filled by a thread pool; on CUDA in one launch.
+    Backward calls this again with the same seed instead of saving a mask.
+    """
+    n = math.prod(shape)
+    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device)
+    if words.device.type == "cpu" and words.numel() > CHUNK_WORDS:
+        chunks = words.split(CHUNK_WORDS)
+        list(_thread_pool().map(_fill, [(c, _chunk_seed(seed, i)) for i, c in enumerate(chunks)]))
+    else:
+        _fill((words, _chunk_seed(seed, 0)))
+    return words.view(torch.int32)[:n].view(shape) >= keep_threshold(p)

@@ -1,0 +1,189 @@
+"""A roofline model of one LoRA layer's forward and backward, per provider: predictions, not
+measurements.
+
+    python -m lora_kernels.roofline [--gpu H100] [--tokens 8192] [--in 4096] [--out 4096] ...
+
+Every provider is a list of kernels; each kernel is (FLOPs, minimal DRAM bytes) and takes
+``max(flops / peak_flops, bytes / bandwidth)``; a provider's time is the sum over its kernels.
+Launch overheads, L2 reuse, wave quantisation and epilogue latencies are ignored, so the model
+flatters every provider alike; it ranks designs and bounds what a GPU run can show.
+
+Providers (x requires grad; W, b frozen; A, B trainable; dW, db not computed):
+- ``linear``: the frozen ``nn.Linear`` alone, the floor a LoRA layer can't beat.
+- ``peft``: peft's LoRA ``Linear`` as autograd runs it, one kernel per op: base GEMM, dropout,
+  ``lora_A``, ``lora_B``, ``* scaling``, ``+``, and their backward ops. The plain-PyTorch
+  reference (the seeds' formula) runs the same sequence.
+- ``lora_kernels``: the Triton path's launches (docs/kernels.md), including the ``x A`` dot that
+  every column of output tiles repeats (``R / BLOCK_N`` of the base GEMM) and the hi/lo split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+# Peak dense 16-bit tensor-core FLOP/s and DRAM bandwidth. H100: the achievable figures of the
+# design (DESIGN.md: 790 TFLOP/s of the 989 datasheet, 3.0 TB/s of 3.35). A100 SXM 80 GB: its
+# datasheet scaled by the same 0.8 and 0.9 (312 -> 250 TFLOP/s, 2.04 -> 1.83 TB/s).
+GPUS = {
+    "H100": {"flops": 790e12, "bandwidth": 3.0e12},
+    "A100": {"flops": 250e12, "bandwidth": 1.83e12},
+}
+# The Triton path's tile widths (kernels/fused_mm.py, 16-bit, R < 64) and padded-rank rule.
+BLOCK_N = {"H100": 256, "A100": 128}
+MIN_DOT_DIM = 16
+
+
+@dataclass
+class Shape:
+    tokens: int  # M
+    in_features: int  # K
+    out_features: int  # N
+    rank: int  # r
+    elem: int = 2  # bytes per element of x, W, y (bf16 / fp16)
+    dropout: float = 0.0
+
+
+def _gemm(m, n, k, elem, *, a=True, b=True, c_write=True, c_read=False):
+    """(flops, bytes) of C (m x n) = A (m x k) B (k x n), operands read once."""
+    nbytes = elem * ((m * k if a else 0) + (k * n if b else 0))
+    nbytes += elem * m * n * ((1 if c_write else 0) + (1 if c_read else 0))
+    return 2 * m * n * k, nbytes
+
+
+def _elementwise(n_elems, elem, reads, writes):
+    return 0, elem * n_elems * (reads + writes)
+
+
+def kernels(provider: str, shape: Shape, mode: str, gpu: str = "H100") -> list[tuple]:
+    """``[(name, flops, bytes), ...]`` of ``provider`` in ``mode`` ("fwd", "bwd", "fwd+bwd")."""
+    if mode == "fwd+bwd":
+        return kernels(provider, shape, "fwd", gpu) + kernels(provider, shape, "bwd", gpu)
+    m, k, n, r, e = shape.tokens, shape.in_features, shape.out_features, shape.rank, shape.elem
+    p = shape.dropout
+    out = []
+    if provider == "linear":
+        if mode == "fwd":
+            out.append(("y = x W^T", *_gemm(m, n, k, e)))
+        else:
+            out.append(("dx = dY W", *_gemm(m, k, n, e)))
+    elif provider in ("peft", "reference"):
+        if mode == "fwd":
+            out.append(("base y = x W^T", *_gemm(m, n, k, e)))
+            if p:
+                # dropout writes the dropped copy of x and its mask (1 byte / element)
+                out.append(("dropout(x)", 0, e * m * k * 2 + m * k))
+            out.append(("t = x A", *_gemm(m, r, k, e)))
+            out.append(("u = t B", *_gemm(m, n, r, e)))
+            out.append(("u * scaling", *_elementwise(m * n, e, 1, 1)))
+            out.append(("y + u", *_elementwise(m * n, e, 2, 1)))
+        else:
+            out.append(("d(u*s)", *_elementwise(m * n, e, 1, 1)))
+            out.append(("dB = t^T du", *_gemm(r, n, m, e)))
+            out.append(("dt = du B^T", *_gemm(m, r, n, e)))
+            out.append(("dA = x^T dt", *_gemm(k, r, m, e)))
+            out.append(("dx_l = dt A^T", *_gemm(m, k, r, e)))
+            if p:
+                out.append(("dropout backward", 0, e * m * k * 2 + m * k))
+            out.append(("dx = dY W", *_gemm(m, k, n, e)))
+            out.append(("dx += dx_l", *_elementwise(m * k, e, 2, 1)))
+    elif provider == "lora_kernels":
+        rp = max(MIN_DOT_DIM, 1 << (r - 1).bit_length())
+        cols = -(-n // BLOCK_N[gpu])  # columns of output tiles, each repeating the x A dot
+        t_bytes = 4 * m * r  # T (M x r) is float32
+        lora_epilogue = 2 * 2 * m * rp * n  # (x A) B as hi + lo
+        if mode == "fwd":
+            if p:
+                fl, by = _gemm(m, rp, k, e)
+                out.append(("lora_fwd_t: T = s drop(x) A", fl, by - e * m * rp + t_bytes))
+                fl, by = _gemm(m, n, k, e)
+                out.append(("lora_fwd (reads T)", fl + lora_epilogue, by + t_bytes))
+            else:
+                fl, by = _gemm(m, n, k, e)
+                extra = 2 * m * k * rp * cols + lora_epilogue
+                out.append(("lora_fwd: y and T", fl + extra, by + t_bytes + e * (k + n) * r))
+        else:
+            cols_k = -(-k // BLOCK_N[gpu])
+            fl, by = _gemm(m, k, n, e)
+            extra = 2 * m * n * rp * cols_k + 2 * 2 * m * rp * k
+            out.append(("lora_bwd_dx: dx and dT", fl + extra, by + t_bytes))
+            out.append(("lora_bwd_dA: x^T dT", 2 * 2 * m * k * rp, e * m * k + t_bytes))
+            out.append(("lora_bwd_dB: T^T dY", 2 * 2 * m * n * rp, e * m * n + t_bytes))
+    else:
+        raise ValueError(f"unknown provider {provider!r}")
+    return out
+
+
+def predict(provider: str, shape: Shape, mode: str, gpu: str = "H100") -> dict:
+    """Predicted time (s), FLOPs and bytes of ``provider``; the time sums per-kernel rooflines."""
+    peak = GPUS[gpu]
+    ks = kernels(provider, shape, mode, gpu)
+    time = sum(max(f / peak["flops"], b / peak["bandwidth"]) for _, f, b in ks)
+    return {
+        "time": time,
+        "flops": sum(f for _, f, _ in ks),
+        "bytes": sum(b for _, _, b in ks),
+        "kernels": len(ks),
+    }
+
+
+PROVIDERS = ("linear", "lora_kernels", "peft")
+
+
+def table(shapes, gpus=("A100", "H100"), modes=("fwd", "bwd", "fwd+bwd")) -> list[dict]:
+    rows = []
+    for gpu in gpus:
+        for shape in shapes:
+            for mode in modes:
+                preds = {prov: predict(prov, shape, mode, gpu) for prov in PROVIDERS}
+                for prov, pr in preds.items():
+                    rows.append(
+                        {
+                            "gpu": gpu,
+                            "M": shape.tokens,
+                            "K": shape.in_features,
+                            "N": shape.out_features,
+                            "r": shape.rank,
+                            "dropout": shape.dropout,
+                            "mode": mode,
+                            "provider": prov,
+                            "time_ms": pr["time"] * 1e3,
+                            "vs_linear": pr["time"] / preds["linear"]["time"],
+                            "vs_peft": pr["time"] / preds["peft"]["time"],
+                            "kernels": pr["kernels"],
+                        }
+                    )
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = f"{'gpu':5} {'M':>5} {'K':>6} {'N':>6} {'r':>3} {'drop':>4} {'mode':8} {'provider':13}"
+    head += f" {'ms (pred.)':>10} {'vs linear':>9} {'vs peft':>8}"
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"{r['gpu']:5} {r['M']:5d} {r['K']:6d} {r['N']:6d} {r['r']:3d} {r['dropout']:4.1f} "
+            f"{r['mode']:8} {r['provider']:13} {r['time_ms']:10.3f} {r['vs_linear']:8.2f}x "
+            f"{r['vs_peft']:7.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Roofline predictions (not measurements).")
+    parser.add_argument("--gpu", action="append", choices=sorted(GPUS))
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--in", dest="k", type=int, default=4096)
+    parser.add_argument("--out", dest="n", type=int, default=4096)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dropout", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    shape = Shape(args.tokens, args.k, args.n, args.rank, dropout=args.dropout)
+    print("PREDICTION (roofline model, not a measurement): bf16, x requires grad, W frozen")
+    print(format_rows(table([shape], args.gpu or ("A100", "H100"))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
