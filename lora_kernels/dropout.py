@@ -3,7 +3,6 @@ least ``p * 2**32``. Kept elements are scaled by ``1 / (1 - p)``, as ``nn.Dropou
 
 from __future__ import annotations
 
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,19 +48,38 @@ def _fill(args) -> None:
     words.random_(-(2**63), None, generator=gen)
 
 
-def keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device) -> torch.Tensor:
+def keep_mask(
+    shape: tuple[int, int], p: float, seed: int | torch.Tensor, device: torch.device
+) -> torch.Tensor:
     """The torch path's boolean keep-mask of ``shape``: a pure function of ``(seed, position)``
-    (and of the device type: CPU and CUDA generators differ).
+    (and of the device type: CPU and CUDA generators differ). ``seed``: an int or a 0-d tensor.
 
     Full-range 64-bit draws read as two int32 words each, compared with ``keep_threshold(p)``.
     On CPU the words come in fixed chunks filled by a thread pool; on CUDA in one launch.
     Backward calls this again with the same seed instead of saving a mask.
     """
-    n = math.prod(shape)
+    if not isinstance(seed, torch.Tensor):
+        seed = torch.tensor(seed, dtype=torch.int64)
+    return _keep_mask_op(seed, shape[0], shape[1], p, torch.device(device))
+
+
+# NOTE: a custom op, so torch.compile(fullgraph=True) sees one opaque node instead of tracing
+# into torch.Generator objects (which it can't create inside a graph).
+@torch.library.custom_op("lora_kernels::keep_mask", mutates_args=())
+def _keep_mask_op(
+    seed: torch.Tensor, rows: int, cols: int, p: float, device: torch.device
+) -> torch.Tensor:
+    n = rows * cols
     words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device)
+    seed = int(seed)
     if words.device.type == "cpu" and words.numel() > CHUNK_WORDS:
         chunks = words.split(CHUNK_WORDS)
         list(_thread_pool().map(_fill, [(c, _chunk_seed(seed, i)) for i, c in enumerate(chunks)]))
     else:
         _fill((words, _chunk_seed(seed, 0)))
-    return words.view(torch.int32)[:n].view(shape) >= keep_threshold(p)
+    return words.view(torch.int32)[:n].view(rows, cols) >= keep_threshold(p)
+
+
+@_keep_mask_op.register_fake
+def _(seed, rows, cols, p, device):
+    return torch.empty((rows, cols), dtype=torch.bool, device=device)

@@ -7,7 +7,6 @@ reported with the sizes / dtypes / devices involved.
 
 from __future__ import annotations
 
-import functools
 import numbers
 import os
 
@@ -29,14 +28,21 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
-@functools.lru_cache(maxsize=1)
+_triton_available: bool | None = None
+
+
+@torch.compiler.assume_constant_result  # a fact of the install: a constant of any graph
 def triton_available() -> bool:
     """Whether ``triton`` can be imported here (it is a Linux-only dependency)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    global _triton_available
+    if _triton_available is None:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _triton_available = False
+        else:
+            _triton_available = True
+    return _triton_available
 
 
 def resolve_backend(x: torch.Tensor, backend: str = "auto") -> str:
@@ -159,9 +165,17 @@ def validate(
     return resolve_backend(x, backend)
 
 
-def draw_seed() -> int:
-    """A dropout seed from PyTorch's default generator, so ``torch.manual_seed`` reproduces runs."""
-    return int(torch.randint(0, _SEED_LIMIT, (), dtype=torch.int64).item())
+def draw_seed() -> torch.Tensor:
+    """A dropout seed from PyTorch's default generator, so ``torch.manual_seed`` reproduces runs.
+
+    A 0-d int64 tensor, not an int: reading it (``.item()``) would break a ``torch.compile``
+    graph; the torch path passes it to its mask op as is, the Triton launch reads it.
+    """
+    return torch.randint(0, _SEED_LIMIT, (), dtype=torch.int64)
+
+
+def _seed_tensor(seed: int | torch.Tensor) -> torch.Tensor:
+    return seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -188,9 +202,10 @@ class LoRALinearFunction(torch.autograd.Function):
     ):
         backend = validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
         scaling, dropout_p = float(scaling), float(dropout_p)
-        if dropout_p > 0.0 and seed is None:
+        if dropout_p == 0.0:
+            seed = 0
+        elif seed is None:
             seed = draw_seed()
-        seed = 0 if seed is None else int(seed)
 
         k_in, n_out = weight.shape[1], weight.shape[0]
         # reshape, not view: a copy only where x's strides can't be flattened.
@@ -200,10 +215,12 @@ class LoRALinearFunction(torch.autograd.Function):
         if backend == "triton":
             from . import triton_path
 
-            plan = triton_path.make_plan(x2, lora_A.shape[1], dropout_p)
-            y2, S = triton_path.forward(
-                x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, plan=plan,
-                store_t=need_lb,
+            # The launch plan, chosen once here and kept on ctx for backward (as a string: it
+            # travels through torch.library ops).
+            plan = triton_path.plan_string(x2, lora_A.shape[1], dropout_p)
+            y2, S = triton_path.forward_op(
+                x2, weight, bias, lora_A, lora_B, scaling, dropout_p, _seed_tensor(seed), plan,
+                need_lb,
             )  # fmt: skip
         else:
             y2, S = torch_path.forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
@@ -230,7 +247,9 @@ class LoRALinearFunction(torch.autograd.Function):
         if ctx.plan is not None:
             from . import triton_path
 
-            dx, dw, db, da, dlb = triton_path.backward(*args, needs, plan=ctx.plan)
+            *tensors, seed = args
+            grads = triton_path.backward_op(*tensors, _seed_tensor(seed), ctx.plan, list(needs))
+            dx, dw, db, da, dlb = (g if need else None for g, need in zip(grads, needs))
         else:
             dx, dw, db, da, dlb = torch_path.backward(*args, needs)
         if dx is not None:

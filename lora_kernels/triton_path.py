@@ -9,7 +9,9 @@ a plain reduction and the LoRA intermediate is never rounded to 16 bits.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 from dataclasses import dataclass
 
 import torch
@@ -130,3 +132,85 @@ def backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, 
     if need_b:
         db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
     return dx, dw, db, da, dlb
+
+
+# --- torch.library custom ops ------------------------------------------------------------------
+# The Triton launches as two opaque ops, so torch.compile(fullgraph=True) keeps LoRA layers in one
+# graph instead of tracing into Triton's launcher. The plan travels as a JSON string (an op's
+# arguments are tensors and scalars), so backward still runs the forward's configs.
+
+
+def plan_to_str(plan: Plan) -> str:
+    return json.dumps(dataclasses.asdict(plan), sort_keys=True)
+
+
+@torch.compiler.assume_constant_result
+def plan_string(x: torch.Tensor, rank: int, dropout_p: float) -> str:
+    """``make_plan`` as the string the ops take; under torch.compile, a constant of the graph
+    (computed once while tracing: the configs depend on device, dtype, rank, dropout only)."""
+    return plan_to_str(make_plan(x, rank, dropout_p))
+
+
+def plan_from_str(text: str) -> Plan:
+    return Plan(**json.loads(text))
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("lora_kernels::triton_forward", mutates_args=())
+def forward_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor,
+    plan: str,
+    store_t: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``forward`` as an op: ``(y, T)``, ``T`` empty when not stored."""
+    y, t = forward(
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed),
+        plan=plan_from_str(plan), store_t=store_t,
+    )  # fmt: skip
+    return y, t if t is not None else _empty(x).float()
+
+
+@forward_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, plan, store_t):
+    m, n, r = x.shape[0], weight.shape[0], lora_A.shape[1]
+    t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((m, n)), x.new_empty((m, r) if store_t else (0,), dtype=t_dtype)
+
+
+@torch.library.custom_op("lora_kernels::triton_backward", mutates_args=())
+def backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor | None,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    T: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor,
+    plan: str,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    """``backward`` as an op: ``[dx, dW, db, dA, dB]``, empty where ``needs`` says no."""
+    grads = backward(
+        dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, int(seed), tuple(needs),
+        plan=plan_from_str(plan),
+    )  # fmt: skip
+    return [_empty(dy) if g is None else g for g in grads]
+
+
+@backward_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, plan, needs):
+    (m, n), k, r = dy.shape, weight.shape[1], lora_A.shape[1]
+    shapes = [(m, k), (n, k), (n,), (k, r), (r, n)]
+    return [dy.new_empty(s if need else (0,)) for s, need in zip(shapes, needs)]
