@@ -63,6 +63,21 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _adapted(linear: nn.Linear, lora_A: torch.Tensor, lora_B: torch.Tensor, **kwargs) -> LoRALayer:
+    """A ``LoRALayer`` around ``linear`` carrying peft-layout weights ``lora_A`` ``(r, in)`` and
+    ``lora_B`` ``(out, r)``, in ``linear``'s train / eval mode."""
+    layer = LoRALayer.from_linear(linear, rank=lora_A.shape[0], **kwargs)
+    with torch.no_grad():
+        layer.lora_A.copy_(lora_A.t())
+        layer.lora_B.copy_(lora_B.t())
+    return layer.train(linear.training)
+
+
+def _replace(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer)
+
+
 def _freeze_all_but_lora(model: nn.Module) -> None:
     for name, param in model.named_parameters():
         param.requires_grad_(name.endswith(("lora_A", "lora_B")))
@@ -130,8 +145,7 @@ def inject_lora(
         )
         for name in names
     }
-    for name, layer in new.items():
-        _set_submodule(model, name, layer)
+    _replace(model, new)
     _freeze_all_but_lora(model)
     return model
 
@@ -182,19 +196,13 @@ def from_peft(peft_model) -> nn.Module:
     for name, (module, adapter) in plan.items():
         dropout = module.lora_dropout[adapter]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        A = module.lora_A[adapter].weight  # (r, in)
-        B = module.lora_B[adapter].weight  # (out, r)
-        layer = LoRALayer.from_linear(module.base_layer, rank=A.shape[0], dropout=p)
-        layer.scaling = float(module.scaling[adapter])
+        A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        layer = _adapted(module.base_layer, A, B, dropout=p)
+        layer.scaling = float(module.scaling[adapter])  # rsLoRA and patterns included
         layer.alpha = float(module.lora_alpha[adapter])
         layer.use_rslora = bool(getattr(module, "use_rslora", {}).get(adapter, False))
-        with torch.no_grad():
-            layer.lora_A.copy_(A.t())
-            layer.lora_B.copy_(B.t())
-        layer.train(module.training)
         new[name] = layer
-    for name, layer in new.items():
-        _set_submodule(model, name, layer)
+    _replace(model, new)
     return model
 
 
@@ -377,19 +385,12 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Modu
                 f"{config_path}: {name} has rank {r} in the weights, {expected_r} in the config"
             )
         alpha = float(_pattern_value(alpha_pattern, name, config["lora_alpha"]))
-        checked.append((name, module, A, B, r, alpha))
+        checked.append((name, module, A, B, alpha))
 
-    new = {}
-    for name, module, A, B, r, alpha in checked:
-        layer = LoRALayer.from_linear(
-            module, rank=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora
-        )
-        with torch.no_grad():
-            layer.lora_A.copy_(A.t())
-            layer.lora_B.copy_(B.t())
-        layer.train(module.training)
-        new[name] = layer
-    for name, layer in new.items():
-        _set_submodule(model, name, layer)
+    new = {
+        name: _adapted(module, A, B, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        for name, module, A, B, alpha in checked
+    }
+    _replace(model, new)
     _freeze_all_but_lora(model)
     return model

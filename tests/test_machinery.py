@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import os
-import socket
+import time
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -50,15 +52,16 @@ def test_compile_fullgraph_matches_eager():
 # --- DDP: 2 processes, gloo, CPU -----------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, x, y, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank, world, x, y, out_dir):
+    # A file rendezvous private to this test run (no port to race for), and a timeout so a lost
+    # peer fails the test instead of hanging it.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{os.path.join(out_dir, 'rendezvous')}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         model = nn.parallel.DistributedDataParallel(small_model())
         shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
@@ -75,12 +78,19 @@ def test_ddp_gradients_equal_full_batch(tmp_path):
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(12, 16, generator=gen), torch.randn(12, 8, generator=gen)
     world = 2
-    mp.start_processes(
+    context = mp.start_processes(
         _ddp_worker,
-        args=(world, _free_port(), x, y, str(tmp_path)),
+        args=(world, x, y, str(tmp_path)),
         nprocs=world,
         start_method="spawn",
+        join=False,
     )
+    deadline = time.monotonic() + 180
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("DDP workers did not finish within 180 s")
     single = small_model()
     nn.functional.mse_loss(single(x), y).backward()
     for rank in range(world):
@@ -90,6 +100,18 @@ def test_ddp_gradients_equal_full_batch(tmp_path):
                 assert_close(f"rank {rank} {name}", grads[name], p.grad.double(), 1e-6)
             else:
                 assert grads[name] is None, name  # frozen weights get no gradient
+
+
+def assert_compiled_matches_eager(f, x, A, B):
+    """``f(x, A, B)`` and its ``torch.compile(fullgraph=True)``: same output and gradients."""
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        y = fn(x, A, B)
+        y.square().sum().backward()
+        results.append((y.detach(), x.grad.clone(), A.grad.clone(), B.grad.clone()))
+        x.grad = A.grad = B.grad = None
+    for name, compiled, eager in zip(("y", "dx", "dA", "dB"), results[1], results[0]):
+        assert_close(name, compiled, eager.double(), 1e-6)
 
 
 def test_compile_fullgraph_with_dropout_and_explicit_seed_matches_eager():
@@ -105,14 +127,7 @@ def test_compile_fullgraph_with_dropout_and_explicit_seed_matches_eager():
     def f(x, A, B):
         return lora_linear(x, w, b, A, B, 0.5, dropout_p=0.3, seed=1234)
 
-    results = []
-    for fn in (f, torch.compile(f, fullgraph=True)):
-        y = fn(x, A, B)
-        y.square().sum().backward()
-        results.append((y.detach(), x.grad.clone(), A.grad.clone(), B.grad.clone()))
-        x.grad = A.grad = B.grad = None
-    for name, compiled, eager in zip(("y", "dx", "dA", "dB"), results[1], results[0]):
-        assert_close(name, compiled, eager.double(), 1e-6)
+    assert_compiled_matches_eager(f, x, A, B)
 
 
 def test_compile_fullgraph_layer_dropout():
@@ -147,11 +162,4 @@ def test_compile_fullgraph_triton_path():
     def f(x, A, B):
         return lora_linear(x, w, b, A, B, 0.5, dropout_p=0.3, seed=99, backend="triton")
 
-    results = []
-    for fn in (f, torch.compile(f, fullgraph=True)):
-        y = fn(x, A, B)
-        y.square().sum().backward()
-        results.append((y.detach(), x.grad.clone(), A.grad.clone(), B.grad.clone()))
-        x.grad = A.grad = B.grad = None
-    for name, compiled, eager in zip(("y", "dx", "dA", "dB"), results[1], results[0]):
-        assert_close(name, compiled, eager.double(), 1e-6)
+    assert_compiled_matches_eager(f, x, A, B)
