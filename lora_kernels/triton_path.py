@@ -88,7 +88,9 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *, plan, 
         x, weight.t(), bias, lora_A, lora_B, scaling, config=plan.fwd, store_t=store_t,
         t_in=t_in, name="lora_fwd", **common,
     )  # fmt: skip
-    return y, (t_in if store_t else None) if t_in is not None else t
+    if t_in is not None:
+        return y, t_in if store_t else None
+    return y, t
 
 
 def backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, *, plan):
@@ -144,14 +146,23 @@ def plan_to_str(plan: Plan) -> str:
     return json.dumps(dataclasses.asdict(plan), sort_keys=True)
 
 
+_plan_strings: dict[tuple, str] = {}
+
+
 @torch.compiler.assume_constant_result
 def plan_string(x: torch.Tensor, rank: int, dropout_p: float) -> str:
-    """``make_plan`` as the string the ops take; under torch.compile, a constant of the graph
-    (computed once while tracing: the configs depend on device, dtype, rank, dropout only)."""
-    return plan_to_str(make_plan(x, rank, dropout_p))
+    """``make_plan`` as the string the ops take, cached by everything the plan depends on (the
+    forward's hot path); under torch.compile, a constant of the graph."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    key = (x.device, _device_facts(x.device), x.dtype, rank, dropout_p > 0.0, tf32)
+    if key not in _plan_strings:
+        _plan_strings[key] = plan_to_str(make_plan(x, rank, dropout_p))
+    return _plan_strings[key]
 
 
+@functools.lru_cache(maxsize=64)
 def plan_from_str(text: str) -> Plan:
+    """The inverse of ``plan_to_str`` (cached: backward runs it on every call)."""
     return Plan(**json.loads(text))
 
 
