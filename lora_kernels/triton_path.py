@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels.common import acc_dtype
 from .kernels.fused_mm import fused_mm, fused_mm_config, fused_mm_t_config
 from .kernels.lora_grad import grad_config, lora_grad
 
@@ -188,14 +189,13 @@ def forward_op(
         x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed),
         plan=plan_from_str(plan), store_t=store_t,
     )  # fmt: skip
-    return y, t if t is not None else _empty(x).float()
+    return y, t if t is not None else x.new_empty(0, dtype=acc_dtype(x.dtype))
 
 
 @forward_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, plan, store_t):
     m, n, r = x.shape[0], weight.shape[0], lora_A.shape[1]
-    t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.new_empty((m, n)), x.new_empty((m, r) if store_t else (0,), dtype=t_dtype)
+    return x.new_empty((m, n)), x.new_empty((m, r) if store_t else (0,), dtype=acc_dtype(x.dtype))
 
 
 @torch.library.custom_op("lora_kernels::triton_backward", mutates_args=())
