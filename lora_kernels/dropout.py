@@ -4,6 +4,7 @@ least ``p * 2**32``. Kept elements are scaled by ``1 / (1 - p)``, as ``nn.Dropou
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -41,11 +42,23 @@ def _thread_pool() -> ThreadPoolExecutor:
     return _pool
 
 
-def _fill(args) -> None:
-    words, seed = args
-    gen = torch.Generator(device=words.device)
+_scratch = threading.local()
+
+
+def _fill_chunk(args) -> None:
+    """One CPU chunk: draw its words into this thread's scratch buffer, compare into ``keep``."""
+    keep, seed, threshold = args
+    words = getattr(_scratch, "words", None)
+    if words is None:
+        # NOTE: one CHUNK_WORDS buffer per pool thread, reused: a fresh 16 MiB of words per
+        # call costs as much again in page faults as drawing them.
+        words = _scratch.words = torch.empty(CHUNK_WORDS, dtype=torch.int64)
+    n = keep.numel()
+    words = words[: (n + 1) // 2]
+    gen = torch.Generator()
     gen.manual_seed(seed)
     words.random_(-(2**63), None, generator=gen)
+    torch.ge(words.view(torch.int32)[:n], threshold, out=keep)
 
 
 def keep_mask(
@@ -69,15 +82,24 @@ def keep_mask(
 def _keep_mask_op(
     seed: torch.Tensor, rows: int, cols: int, p: float, device: torch.device
 ) -> torch.Tensor:
-    n = rows * cols
+    n, seed, threshold = rows * cols, int(seed), keep_threshold(p)
+    if device.type == "cpu":
+        keep = torch.empty(n, dtype=torch.bool)
+        per_chunk = 2 * CHUNK_WORDS
+        jobs = [
+            (keep[start : start + per_chunk], _chunk_seed(seed, start // per_chunk), threshold)
+            for start in range(0, n, per_chunk)
+        ]
+        if len(jobs) == 1:
+            _fill_chunk(jobs[0])
+        else:
+            list(_thread_pool().map(_fill_chunk, jobs))
+        return keep.view(rows, cols)
     words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device)
-    seed = int(seed)
-    if words.device.type == "cpu" and words.numel() > CHUNK_WORDS:
-        chunks = words.split(CHUNK_WORDS)
-        list(_thread_pool().map(_fill, [(c, _chunk_seed(seed, i)) for i, c in enumerate(chunks)]))
-    else:
-        _fill((words, _chunk_seed(seed, 0)))
-    return words.view(torch.int32)[:n].view(rows, cols) >= keep_threshold(p)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(_chunk_seed(seed, 0))
+    words.random_(-(2**63), None, generator=gen)
+    return words.view(torch.int32)[:n].view(rows, cols) >= threshold
 
 
 @_keep_mask_op.register_fake

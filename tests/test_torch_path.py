@@ -75,8 +75,14 @@ def test_scalings(scaling):
     [c for c in itertools.product([False, True], repeat=5) if any(c)],
     ids=lambda c: "+".join(n for n, r in zip(GRAD_NAMES, c) if r),
 )
-@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_gradcheck_every_combination(requires, dropout_p):
+@pytest.mark.parametrize(
+    "dropout_p, block_elems",
+    [(0.0, None), (0.3, None), (0.3, 10)],
+    ids=["p0", "p0.3", "p0.3-blocks-of-2-rows"],
+)
+def test_gradcheck_every_combination(monkeypatch, requires, dropout_p, block_elems):
+    if block_elems is not None:  # eager CPU dropout in blocks of rows (uneven: 6 = 2 + 2 + 2)
+        monkeypatch.setattr(torch_path, "BLOCK_ELEMS", block_elems)
     gen = torch.Generator().manual_seed(1)
     x = make_x((2, 3), 5, torch.float64, "contiguous", gen)
     params = make_params(5, 4, 2, torch.float64, True, gen)
