@@ -50,8 +50,9 @@ def _fill_chunk(args) -> None:
     keep, seed, threshold = args
     words = getattr(_scratch, "words", None)
     if words is None:
-        # NOTE: one CHUNK_WORDS buffer per pool thread, reused: a fresh 16 MiB of words per
-        # call costs as much again in page faults as drawing them.
+        # NOTE: one CHUNK_WORDS buffer per pool thread, reused: fresh (M x K / 2)-word tensors
+        # per call can cost page faults on top of the drawing (a copy into a fresh 16 MiB
+        # tensor took 21 ms in one profile on our 2-core machine).
         words = _scratch.words = torch.empty(CHUNK_WORDS, dtype=torch.int64)
     n = keep.numel()
     words = words[: (n + 1) // 2]
