@@ -3,6 +3,7 @@
     python benchmarks/bench_fused.py            # measure this device, print, write results/
     python benchmarks/bench_fused.py --predict  # the roofline table for A100 / H100 only
     python benchmarks/bench_fused.py --quick    # tiny shapes, a few repetitions (CI smoke run)
+    python benchmarks/bench_fused.py --shape 8192x4096x4096x16 --dtype bfloat16   # chosen rows
     pytest benchmarks/bench_fused.py            # the CPU small shape under pytest-benchmark
 
 Providers share the same weights and inputs: ``lora_kernels`` (``LoRALayer``: Triton kernels on
@@ -14,6 +15,7 @@ backward, forward+backward; x requires grad, the base weight is frozen; LoRA dro
 Timing: on CUDA, ``triton.testing.do_bench`` (median of CUDA-event timings after warm-up); on
 CPU, the providers are interleaved repetition by repetition (order rotating) and each takes its
 median, so the machine's drift hits them alike. Compare ratios from one run, not absolute times.
+The results JSON is rewritten after every configuration, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ GPU_SHAPES = [
 GPU_DTYPES = (torch.bfloat16, torch.float16)
 CPU_SHAPES = [(4096, 1024, 1024, 16), (512, 256, 256, 8)]
 QUICK_SHAPES = [(64, 32, 48, 4)]
+BENCH_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The issue's targets, printed beside the measurements (fwd+bwd time ratios).
 CPU_TARGETS = {
     ("peft", 0.0): 0.85,
@@ -269,8 +272,9 @@ def format_rows(rows) -> str:
     return "\n".join(lines)
 
 
-def check_targets(rows, device) -> list[str]:
-    """The issue's targets beside what this run measured (the largest shape of the run)."""
+def check_targets(rows, device, device_name: str = "") -> list[str]:
+    """The issue's targets beside what this run measured: on CPU at the run's largest shape, on
+    GPU at the target shape in bf16 (when the run includes it); memory on every row."""
     lines = []
     ours = [r for r in rows if r["provider"] == "lora_kernels" and r["mode"] == "fwd+bwd"]
     if not ours:
@@ -290,6 +294,19 @@ def check_targets(rows, device) -> list[str]:
                     f"target: fwd+bwd lora_kernels / {other} at dropout {p} <= {bound}x "
                     f"(M={r['M']}): measured {ratio:.2f}x, {verdict}"
                 )
+    else:  # the GPU target is stated for H100, bf16, one shape: printed for any GPU that ran it
+        for r in ours:
+            if (r["M"], r["K"], r["N"], r["r"]) != GPU_TARGET["shape"] or r["dtype"] != "bfloat16":
+                continue
+            faster = 1 / r["vs_peft"] if r["vs_peft"] else None
+            met_linear = "met" if r["vs_linear"] <= GPU_TARGET["vs_linear"] else "MISSED"
+            met_peft = "met" if faster and faster >= 1 / GPU_TARGET["vs_peft"] else "MISSED"
+            lines.append(
+                f"target (stated for H100; this GPU: {device_name or 'unknown'}), bf16, dropout "
+                f"{r['dropout']}: fwd+bwd <= {GPU_TARGET['vs_linear']}x linear: measured "
+                f"{r['vs_linear']:.2f}x, {met_linear}; >= 1.4x faster than peft: measured "
+                + (f"{faster:.2f}x, {met_peft}" if faster else "peft missing")
+            )
     for r in ours:
         verdict = "met" if r["saved_beyond_x"] <= r["S_bytes"] else "MISSED"
         lines.append(
@@ -354,10 +371,48 @@ def plot(rows, path):
     plt.close(fig)
 
 
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """``"MxKxNxR"`` (tokens, in, out, rank), e.g. ``8192x4096x4096x16``, for ``--shape``."""
+    parts = text.lower().split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"shape {text!r}: expected four positive integers MxKxNxR, e.g. 8192x4096x4096x16"
+        )
+    return tuple(int(p) for p in parts)
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    """``bfloat16``, ``float16`` or ``float32`` (torch names) as a dtype, for ``--dtype``."""
+    dtype = getattr(torch, text, None)
+    if not isinstance(dtype, torch.dtype) or dtype not in BENCH_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in BENCH_DTYPES)
+        raise argparse.ArgumentTypeError(f"dtype {text!r}: expected one of {names}")
+    return dtype
+
+
+def _write_json(path: pathlib.Path, env: dict, rows: list[dict]) -> None:
+    """Replace ``path`` atomically: a reader (or a run killed mid-write) never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    tmp.replace(path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--predict", action="store_true", help="print the roofline table only")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
+    parser.add_argument(
+        "--shape",
+        type=parse_shape,
+        action="append",
+        help="MxKxNxR to measure instead of the device's default set (repeatable)",
+    )
+    parser.add_argument(
+        "--dtype",
+        type=parse_dtype,
+        action="append",
+        help="bfloat16, float16 or float32 instead of the device's default (repeatable)",
+    )
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results directory")
     parser.add_argument("--name", default=None, help="file stem of the JSON / PNG results")
@@ -373,22 +428,23 @@ def main(argv=None) -> int:
         shapes, dtypes, reps, warmup = GPU_SHAPES, GPU_DTYPES, args.reps or 100, 0
     else:
         shapes, dtypes, reps, warmup = CPU_SHAPES, (torch.float32,), args.reps or 25, 3
+    shapes, dtypes = args.shape or shapes, args.dtype or dtypes
     env = environment(device)
     print(f"device: {env['device_name']} ({env['device']}, {env['cpu_threads']} CPU threads), "
           f"torch {env['torch']}, triton {env['triton']}, peft {env['peft']}")  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or f"bench_{device.type}"
     rows = []
     for shape in shapes:
         for dtype in dtypes:
             for dropout in DROPOUTS:
                 rows += run_config(shape, dtype, device, dropout, reps, warmup)
+                _write_json(args.out / f"{stem}.json", env, rows)
     print(format_rows(rows))
-    print("\n".join(check_targets(rows, device)))
+    print("\n".join(check_targets(rows, device, env["device_name"])))
     print()
     print(predictions())
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"bench_{device.type}"
-    (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     plot(rows, args.out / f"{stem}.png")
     print(f"\nwrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
     return 0

@@ -72,3 +72,69 @@ def test_roofline_reproduces_the_design_figures():
     peft = roofline.predict("peft", shape, "fwd+bwd", "H100")["time"]
     assert abs(linear * 1e3 - 0.70) < 0.005
     assert abs(peft * 1e3 - 1.06) < 0.01
+
+
+def test_bench_fused_chosen_shape_and_dtype(tmp_path):
+    """--shape / --dtype replace the device's default set."""
+    bench = load("bench_fused")
+    args = ["--quick", "--shape", "16x8x12x2", "--dtype", "float64", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):  # float64 is not a benchmark dtype
+        bench.main(args)
+    args[4] = "float32"
+    assert bench.main([*args, "--name", "chosen"]) == 0
+    import json
+
+    rows = json.loads((tmp_path / "chosen.json").read_text())["rows"]
+    assert {(r["M"], r["K"], r["N"], r["r"], r["dtype"]) for r in rows} == {
+        (16, 8, 12, 2, "float32")
+    }
+
+
+@pytest.mark.parametrize("text", ["16x8x12", "16x8x12x0", "16x8xtwelvex2", ""])
+def test_bench_fused_rejects_bad_shapes(text, capsys):
+    with pytest.raises(SystemExit):
+        load("bench_fused").main(["--quick", "--shape", text])
+    assert "expected four positive integers MxKxNxR" in capsys.readouterr().err
+
+
+def test_bench_fused_keeps_rows_of_a_run_cut_short(tmp_path, monkeypatch):
+    """The JSON is rewritten after every configuration: a run that dies keeps what it measured."""
+    bench = load("bench_fused")
+    real, calls = bench.run_config, []
+
+    def run_then_die(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(bench, "run_config", run_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--quick", "--out", str(tmp_path), "--name", "cut"])
+    import json
+
+    rows = json.loads((tmp_path / "cut.json").read_text())["rows"]
+    assert {r["dropout"] for r in rows} == {bench.DROPOUTS[0]} and rows
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.json"]
+
+
+def test_bench_fused_prints_the_gpu_target():
+    """On a GPU, the row at the target shape in bf16 is judged against the H100 target."""
+    bench = load("bench_fused")
+    m, k, n, r = bench.GPU_TARGET["shape"]
+    row = {"provider": "lora_kernels", "mode": "fwd+bwd", "M": m, "K": k, "N": n, "r": r}
+    row.update(dtype="bfloat16", dropout=0.0, saved_beyond_x=0, S_bytes=1)
+    lines = bench.check_targets(
+        [
+            {**row, "vs_linear": 1.05, "vs_peft": 0.7},
+            {**row, "dropout": 0.1, "vs_linear": 1.1, "vs_peft": 0.8},
+        ],
+        bench.torch.device("cuda"),
+        "NVIDIA H100 80GB HBM3",
+    )
+    gpu = [line for line in lines if "H100" in line]
+    assert len(gpu) == 2
+    assert "measured 1.05x, met" in gpu[0] and "measured 1.43x, met" in gpu[0]
+    assert "measured 1.10x, MISSED" in gpu[1] and "measured 1.25x, MISSED" in gpu[1]
+    other = dict(row, dtype="float16", vs_linear=1.0, vs_peft=0.5)
+    assert not [x for x in bench.check_targets([other], bench.torch.device("cuda")) if "H100" in x]
