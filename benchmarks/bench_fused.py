@@ -300,7 +300,7 @@ def check_targets(rows, device, device_name: str = "") -> list[str]:
                 continue
             faster = 1 / r["vs_peft"] if r["vs_peft"] else None
             met_linear = "met" if r["vs_linear"] <= GPU_TARGET["vs_linear"] else "MISSED"
-            met_peft = "met" if faster and faster >= 1 / GPU_TARGET["vs_peft"] else "MISSED"
+            met_peft = "met" if faster and r["vs_peft"] <= GPU_TARGET["vs_peft"] else "MISSED"
             lines.append(
                 f"target (stated for H100; this GPU: {device_name or 'unknown'}), bf16, dropout "
                 f"{r['dropout']}: fwd+bwd <= {GPU_TARGET['vs_linear']}x linear: measured "

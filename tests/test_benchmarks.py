@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 
 import pytest
@@ -41,8 +42,6 @@ def test_bench_fused_quick(tmp_path, capsys):
     assert bench.main(["--quick", "--out", str(tmp_path), "--name", "quick"]) == 0
     out = capsys.readouterr().out
     assert "PREDICTION" in out and "target:" in out
-    import json
-
     result = json.loads((tmp_path / "quick.json").read_text())
     env = result["environment"]
     assert {"device_name", "torch", "triton", "peft", "date"} <= env.keys()
@@ -82,8 +81,6 @@ def test_bench_fused_chosen_shape_and_dtype(tmp_path):
         bench.main(args)
     args[4] = "float32"
     assert bench.main([*args, "--name", "chosen"]) == 0
-    import json
-
     rows = json.loads((tmp_path / "chosen.json").read_text())["rows"]
     assert {(r["M"], r["K"], r["N"], r["r"], r["dtype"]) for r in rows} == {
         (16, 8, 12, 2, "float32")
@@ -111,8 +108,6 @@ def test_bench_fused_keeps_rows_of_a_run_cut_short(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_config", run_then_die)
     with pytest.raises(KeyboardInterrupt):
         bench.main(["--quick", "--out", str(tmp_path), "--name", "cut"])
-    import json
-
     rows = json.loads((tmp_path / "cut.json").read_text())["rows"]
     assert {r["dropout"] for r in rows} == {bench.DROPOUTS[0]} and rows
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.json"]
