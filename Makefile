@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 TRITON_PIN ?= triton==3.9.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench compat floor clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,5 +31,56 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_fused.py
 	$(PY) benchmarks/bench_fused.py --predict
 
+# Every Triton minor release below the pin that pyproject.toml admits (the floor is the Triton
+# torch 2.6 pins): each must build every kernel for sm_80 and sm_90 with tensor cores
+# (tests/test_inspect.py; zero spills is asserted for the pin only). Each Triton goes into its own
+# folder, put first on PYTHONPATH; the venv is left as it is. CI runs this after `make test`.
+TRITON_COMPAT ?= 3.2.0 3.3.1 3.4.0 3.5.1 3.6.0 3.7.1 3.8.0
+COMPAT_DIR ?= .compat
+
+compat: $(STAMP)
+	set -e; for v in $(TRITON_COMPAT); do \
+	  dir=$(COMPAT_DIR)/triton-$$v; \
+	  if [ ! -d $$dir ]; then \
+	    rm -rf $$dir.partial; \
+	    $(PY) -m pip install --quiet --no-deps --target $$dir.partial "triton==$$v"; \
+	    mv $$dir.partial $$dir; \
+	  fi; \
+	  got=$$(PYTHONPATH=$$dir $(PY) -c 'import triton; print(triton.__version__)'); \
+	  [ "$$got" = "$$v" ] || { echo "compat: expected Triton $$v, imported $$got" >&2; exit 1; }; \
+	  echo "== Triton $$v: tests/test_inspect.py"; \
+	  PYTHONPATH=$$dir $(PY) -m pytest -q -p no:cacheprovider tests/test_inspect.py \
+	    -k "not test_no_spills"; \
+	done
+
+# The oldest torch pyproject.toml admits, with the Triton it pins (3.2.0), in a venv of its own
+# (PyPI's CUDA build, about 6 GiB; it runs on CPU). Two runs: the whole suite with Triton 3.9 first
+# on PYTHONPATH (the kernels' interpreter tests need 3.9), then the torch.compile tests with the
+# pinned Triton (inductor needs the Triton its torch pins), except the one compiling the kernels in
+# the interpreter. CI runs this after `make compat`.
+TORCH_FLOOR ?= torch==2.6.0
+FLOOR_VENV ?= .venv-floor
+FLOOR_PY := $(FLOOR_VENV)/bin/python
+FLOOR_STAMP := $(FLOOR_VENV)/.installed
+PIN_DIR := $(COMPAT_DIR)/$(subst ==,-,$(TRITON_PIN))
+
+$(FLOOR_STAMP): pyproject.toml Makefile
+	test -x $(FLOOR_PY) || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_PY) -m pip install --quiet --upgrade pip
+	$(FLOOR_PY) -m pip install --quiet "$(TORCH_FLOOR)" -e ".[dev,peft]"
+	touch $(FLOOR_STAMP)
+
+$(PIN_DIR): $(FLOOR_STAMP)
+	rm -rf $@.partial
+	$(FLOOR_PY) -m pip install --quiet --no-deps --target $@.partial "$(TRITON_PIN)"
+	mv $@.partial $@
+
+floor: $(FLOOR_STAMP) $(PIN_DIR)
+	$(FLOOR_PY) -c 'import torch; v = torch.__version__.split("+")[0]; \
+	  assert "torch==" + v == "$(TORCH_FLOOR)", v'
+	PYTHONPATH=$(PIN_DIR) $(FLOOR_PY) -m pytest -q -p no:cacheprovider -k "not compile_fullgraph"
+	$(FLOOR_PY) -m pytest -q -p no:cacheprovider tests/test_machinery.py \
+	  -k "compile_fullgraph and not triton_path"
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(FLOOR_VENV) $(COMPAT_DIR) .pytest_cache .ruff_cache .hypothesis

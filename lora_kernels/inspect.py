@@ -5,8 +5,9 @@
 
 For each arch, dtype and rank, the real forward and backward of the Triton path run under
 ``capture_launches`` on ``meta`` tensors of an LLM projection (M=8192, K=N=4096): the launches they
-would make (kernel, grid, arguments, configs) are compiled by Triton exactly as its JIT would
-specialize them, to cubins for the target, and their SASS (read with the ``cuobjdump`` that Triton
+would make (kernel, grid, arguments, configs) are compiled by Triton's own JIT (``warmup``: it
+specializes and compiles as a launch would, and launches nothing), to cubins for the target, with
+any Triton from 3.2 on (``make compat``), and their SASS (read with the ``cuobjdump`` that Triton
 ships) tells registers, spills (STL/LDL), tensor-core instructions (HMMA on sm_80, HGMMA on sm_90)
 and async copies (LDGSTS / UTMALDG). Needs ``triton`` and no GPU; not under ``TRITON_INTERPRET``.
 """
@@ -65,25 +66,44 @@ def captured_launches(arch: str, dtype: torch.dtype, rank: int, dropout_p: float
     return launches
 
 
-def compile_launch(launch, capability: int):
-    """Compile one captured launch for ``sm_<capability>`` as Triton's JIT would."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
+class _TargetDriver:
+    """The three questions Triton's JIT asks of its active driver, answered for a GPU that isn't
+    here. Only compiling reaches it: ``warmup`` never launches, and nothing else is asked."""
 
-    target = GPUTarget("cuda", capability, 32)
-    backend = make_backend(target)
-    kernel = launch.kernel
-    # NOTE: the JIT's own binder and argument packing (Triton 3.9 internals), so the signature,
-    # int / pointer specializations (==1, divisible by 16) and options match a real launch.
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(*launch.args, **launch.kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(
-        backend, launch.kwargs, bound, specialization, options
-    )
-    src = ASTSource(kernel, signature, constexprs, attrs)
-    return triton.compile(src, target=target, options=options.__dict__)
+    def __init__(self, capability: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", capability, 32)
+
+    def get_current_device(self) -> int:
+        # One device per target: the JIT caches its binder and kernels per device.
+        return self.target.arch
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def compile_launch(launch, capability: int):
+    """Compile one captured launch for ``sm_<capability>`` with Triton's own JIT.
+
+    ``JITFunction.warmup`` binds, specializes (ints == 1, pointers and ints divisible by 16) and
+    compiles exactly as a launch would, without launching; the target comes from a stand-in
+    driver. Public API since Triton 3.0, so every Triton ``pyproject.toml`` admits builds this way.
+    """
+    from triton.runtime import driver
+
+    # NOTE: restored field by field: ``reset_active`` would build the default (CUDA) driver,
+    # which raises where there is no GPU.
+    saved = dict(vars(driver))
+    driver.set_active(_TargetDriver(capability))
+    try:
+        return launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.kwargs)
+    finally:
+        vars(driver).clear()
+        vars(driver).update(saved)
 
 
 def analyse_cubin(cubin: bytes) -> dict:

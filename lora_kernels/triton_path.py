@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 from dataclasses import dataclass
+from typing import List  # noqa: UP035  (see backward_op)
 
 import torch
 
@@ -210,8 +211,8 @@ def backward_op(
     dropout_p: float,
     seed: torch.Tensor,
     plan: str,
-    needs: list[bool],
-) -> list[torch.Tensor]:
+    needs: List[bool],  # noqa: UP006  (torch 2.6 infers no schema from list[bool])
+) -> List[torch.Tensor]:  # noqa: UP006
     """``backward`` as an op: ``[dx, dW, db, dA, dB]``, empty where ``needs`` says no."""
     grads = backward(
         dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, int(seed), tuple(needs),

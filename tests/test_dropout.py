@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import KERNEL_DEVICE, TRITON_TOL, assert_close, make_params, make_x, seed_for
@@ -81,6 +82,48 @@ def test_triton_mask_does_not_depend_on_tiles(monkeypatch):
         masks.append(read_mask(300, 130, 0.2, 99, "triton"))
     triton_path._device_facts.cache_clear()
     assert torch.equal(masks[0], masks[1])
+
+
+def philox4x32_10(counters, key):
+    """Philox4x32-10 (Salmon et al., SC'11), written from the paper in numpy: the independent
+    definition the Triton mask is held to. ``counters``: uint32 array ``(..., 4)``; ``key``: 2."""
+    mul0, mul1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    bump0, bump1, low = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85), np.uint64(0xFFFFFFFF)
+    c = [counters[..., i].astype(np.uint64) for i in range(4)]
+    k0, k1 = (np.uint64(k) for k in key)
+    for _ in range(10):
+        p0, p1 = mul0 * c[0], mul1 * c[2]  # 32 x 32 -> 64-bit products: exact in uint64
+        c = [(p1 >> 32) ^ c[1] ^ k0, p1 & low, (p0 >> 32) ^ c[3] ^ k1, p0 & low]
+        k0, k1 = (k0 + bump0) & low, (k1 + bump1) & low
+    return np.stack(c, axis=-1).astype(np.uint32)
+
+
+def test_philox_reference_known_answers():
+    """The numpy Philox against Random123's published known-answer vectors."""
+    kat = [
+        ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+        ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+        (
+            [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344],
+            [0xA4093822, 0x299F31D0],
+            [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1],
+        ),
+    ]
+    for counters, key, expected in kat:
+        got = philox4x32_10(np.array(counters, dtype=np.uint32), key)
+        assert got.tolist() == expected
+
+
+@pytest.mark.parametrize("m, k, p, seed", [(37, 130, 0.3, 7), (5, 9, 0.9, 2**31 - 1)])
+def test_triton_mask_is_the_documented_philox(m, k, p, seed):
+    """docs/dropout.md's definition, bit for bit: element ``(row, col)`` is kept iff word
+    ``col % 4`` of Philox4x32-10(counter ``(col // 4, row, 0, 0)``, key ``(seed, 0)``) is
+    ``>= p * 2**32``. Pins the words against Triton versions whose ``tl.randint4x`` differ."""
+    rows, quads = np.meshgrid(np.arange(m), np.arange((k + 3) // 4), indexing="ij")
+    counters = np.stack([quads, rows, 0 * rows, 0 * rows], axis=-1).astype(np.uint32)
+    words = philox4x32_10(counters, (seed, 0)).reshape(m, -1)[:, :k]
+    expected = torch.from_numpy(words.astype(np.int64) >= min(int(p * 2**32), 2**32 - 1))
+    assert torch.equal(read_mask(m, k, p, seed, "triton").cpu(), expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

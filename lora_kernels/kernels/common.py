@@ -148,9 +148,13 @@ def dropout_keep(seed, rows, col_start, BLOCK_COLS: tl.constexpr, threshold):
     function of the element's position only, never of tile sizes or programs, so forward, dx and
     dA regenerate the same mask. ``col_start`` must be a multiple of 4 (every block is).
     """
-    quads = col_start // 4 + tl.arange(0, BLOCK_COLS // 4)
-    counters = (rows.to(tl.int64)[:, None] << 32) + quads[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    quads = (col_start // 4 + tl.arange(0, BLOCK_COLS // 4)).to(tl.uint32)
+    # NOTE: tl.philox with explicit 32-bit counters, not tl.randint4x on an int64 counter: up to
+    # Triton 3.3, randint4x runs Philox4x64 on 64-bit offsets (other words); from 3.4 it splits
+    # them into (lo, hi). philox itself is the same from Triton 3.2 to 3.9.
+    c0, c1 = tl.broadcast(quads[None, :], rows.to(tl.uint32)[:, None])
+    zero = c0 * 0
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
     words = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
     # NOTE: flipping the top bit maps uint32 order onto int32 order (lora_kernels.dropout).
     signed = (words ^ 0x80000000).to(tl.int32, bitcast=True)
