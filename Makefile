@@ -32,9 +32,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_fused.py --predict
 
 # Every Triton minor release below the pin that pyproject.toml admits (the floor is the Triton
-# torch 2.6 pins): each must build every kernel for sm_80 and sm_90 with tensor cores
-# (tests/test_inspect.py; zero spills is asserted for the pin only). Each Triton goes into its own
-# folder, put first on PYTHONPATH; the venv is left as it is. CI runs this after `make test`.
+# torch 2.6 pins): each must build every kernel with tensor cores and within the GPU's shared
+# memory (tests/test_inspect.py; zero spills is asserted for the pin only; Triton 3.2 has no
+# Blackwell target, so its run leaves sm_100 / sm_120 out). Each Triton goes into its own folder,
+# put first on PYTHONPATH; the venv is left as it is. CI runs this after `make test`.
 TRITON_COMPAT ?= 3.2.0 3.3.1 3.4.0 3.5.1 3.6.0 3.7.1 3.8.0
 COMPAT_DIR ?= .compat
 
@@ -48,9 +49,11 @@ compat: $(STAMP)
 	  fi; \
 	  got=$$(PYTHONPATH=$$dir $(PY) -c 'import triton; print(triton.__version__)'); \
 	  [ "$$got" = "$$v" ] || { echo "compat: expected Triton $$v, imported $$got" >&2; exit 1; }; \
-	  echo "== Triton $$v: tests/test_inspect.py"; \
+	  skip="test_no_spills"; \
+	  case $$v in 3.2.*) skip="$$skip or blackwell";; esac; \
+	  echo "== Triton $$v: tests/test_inspect.py, without: $$skip"; \
 	  PYTHONPATH=$$dir $(PY) -m pytest -q -p no:cacheprovider tests/test_inspect.py \
-	    -k "not test_no_spills"; \
+	    -k "not ($$skip)"; \
 	done
 
 # The oldest torch pyproject.toml admits, with the Triton it pins (3.2.0), in a venv of its own

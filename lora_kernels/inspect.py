@@ -1,15 +1,17 @@
 """Compile every kernel the package launches for a GPU, without one, and report its machine code.
 
-    python -m lora_kernels.inspect [--arch sm_80] [--arch sm_90] [--dtype D] [--rank R]
+    python -m lora_kernels.inspect [--arch sm_80|sm_90|sm_100|sm_120] [--dtype D] [--rank R]
                                    [--dropout P] [--json] [--dump DIR] [--jobs N]
 
 For each arch, dtype and rank, the real forward and backward of the Triton path run under
 ``capture_launches`` on ``meta`` tensors of an LLM projection (M=8192, K=N=4096): the launches they
 would make (kernel, grid, arguments, configs) are compiled by Triton's own JIT (``warmup``: it
 specializes and compiles as a launch would, and launches nothing), to cubins for the target, with
-any Triton from 3.2 on (``make compat``), and their SASS (read with the ``cuobjdump`` that Triton
-ships) tells registers, spills (STL/LDL), tensor-core instructions (HMMA on sm_80, HGMMA on sm_90)
-and async copies (LDGSTS / UTMALDG). Needs ``triton`` and no GPU; not under ``TRITON_INTERPRET``.
+any Triton from 3.2 on (``make compat``; sm_100 and sm_120 need Triton 3.3), and their SASS (read
+with the ``cuobjdump`` that Triton ships) tells registers, spills (STL/LDL), tensor-core
+instructions (HMMA on sm_80 and sm_120, HGMMA on sm_90, UTCHMMA on sm_100) and async copies
+(LDGSTS / UTMALDG); the metadata tells shared memory, against the target's per-block limit. Needs
+``triton`` and no GPU; not under ``TRITON_INTERPRET``.
 """
 
 from __future__ import annotations
@@ -24,13 +26,30 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 
 from .function import triton_interpreter_enabled
 
 M, K, N = 8192, 4096, 4096
-ARCHS = {"sm_80": (80, 108), "sm_90": (90, 132)}  # (capability, SMs of the A100 / H100)
+
+
+class Target(NamedTuple):
+    """A GPU to build for: what ``make_plan`` and the launches depend on, and what to expect."""
+
+    capability: int
+    sms: int  # of the GPU named
+    max_shared_bytes: int  # opt-in shared memory per block (CUDA programming guide)
+    mma: str  # the SASS tensor-core instruction its 16-bit dots must use
+
+
+ARCHS = {
+    "sm_80": Target(80, 108, 163 * 1024, "HMMA"),  # A100 (Ampere's tables)
+    "sm_90": Target(90, 132, 227 * 1024, "HGMMA"),  # H100: wgmma (Hopper's tables)
+    "sm_100": Target(100, 148, 227 * 1024, "UTCHMMA"),  # B200: tcgen05 (Hopper's tables)
+    "sm_120": Target(120, 170, 99 * 1024, "HMMA"),  # RTX 5090: mma.sync (Ampere's tables)
+}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_DTYPES = ("float16", "bfloat16")
 RANKS = (4, 16, 64)
@@ -49,12 +68,13 @@ def captured_launches(arch: str, dtype: torch.dtype, rank: int, dropout_p: float
     from . import triton_path
     from .kernels.common import capture_launches
 
-    capability, sms = ARCHS[arch]
+    target = ARCHS[arch]
     meta = {"device": "meta", "dtype": dtype}
     x, dy = torch.empty(M, K, **meta), torch.empty(M, N, **meta)
     weight, bias = torch.empty(N, K, **meta), torch.empty(N, **meta)
     lora_A, lora_B = torch.empty(K, rank, **meta), torch.empty(rank, N, **meta)
-    plan = triton_path.make_plan(x, rank, dropout_p, arch=capability // 10, num_sms=sms)
+    table = triton_path.config_arch(target.capability // 10, target.max_shared_bytes)
+    plan = triton_path.make_plan(x, rank, dropout_p, arch=table, num_sms=target.sms)
     with capture_launches() as launches:
         _, T = triton_path.forward(
             x, weight, bias, lora_A, lora_B, SCALING, dropout_p, 0, plan=plan
@@ -116,13 +136,14 @@ def analyse_cubin(cubin: bytes) -> dict:
         res = subprocess.run(
             [tool, "-res-usage", f.name], capture_output=True, text=True, check=True
         )
-    ops = Counter(re.findall(r"\b(STL|LDL|HMMA|HGMMA|LDGSTS|UTMALDG)\b", sass.stdout))
-    mma_ops = {op: ops[op] for op in ("HMMA", "HGMMA") if ops[op]}
+    ops = Counter(re.findall(r"\b(STL|LDL|HMMA|HGMMA|UTCHMMA|LDGSTS|UTMALDG)\b", sass.stdout))
+    mma_ops = {op: ops[op] for op in ("HMMA", "HGMMA", "UTCHMMA") if ops[op]}
     registers = re.search(r"REG:(\d+)", res.stdout)
     return {
         "registers": int(registers.group(1)) if registers else None,
         "spills": ops["STL"] + ops["LDL"],
-        "mma": sum(mma_ops.values()),  # tensor-core instructions: HMMA (sm_80+), HGMMA (sm_90)
+        # tensor-core instructions: HMMA (mma.sync), HGMMA (sm_90 wgmma), UTCHMMA (sm_100 tcgen05)
+        "mma": sum(mma_ops.values()),
         "mma_ops": mma_ops,
         "async_copies": ops["LDGSTS"] + ops["UTMALDG"],
     }
@@ -132,7 +153,7 @@ def inspect_group(
     arch: str, dtype_name: str, rank: int, dropout_p: float, dump: str | None = None
 ) -> list[dict]:
     """One row per kernel launched by a forward + backward at ``(arch, dtype, rank, dropout)``."""
-    capability = ARCHS[arch][0]
+    capability = ARCHS[arch].capability
     rows = []
     for launch in captured_launches(arch, DTYPES[dtype_name], rank, dropout_p):
         compiled = compile_launch(launch, capability)
@@ -156,6 +177,7 @@ def inspect_group(
                 "dropout": dropout_p,
                 **analyse_cubin(compiled.asm["cubin"]),
                 "shared_bytes": compiled.metadata.shared,
+                "shared_limit": ARCHS[arch].max_shared_bytes,
                 "grid": list(launch.grid),
                 "config": config,
                 "cubin": cubin_name,

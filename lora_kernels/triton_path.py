@@ -26,6 +26,18 @@ from .kernels.lora_grad import grad_config, lora_grad
 INTERPRETER_ARCH = 9
 INTERPRETER_SMS = 4
 
+# Hopper's tables need Hopper's shared memory per block (227 KiB; up to 150 KiB a build, see
+# docs/kernels.md). GPUs of capability >= 9 with less (the RTX 50 series, 12.x: 99 KiB) take
+# Ampere's tables, which fit in 99 KiB (51 KiB at most).
+HOPPER_SHARED_BYTES = 227 * 1024
+
+
+def config_arch(major: int, max_shared_bytes: int) -> int:
+    """The config tables' key for a GPU of compute capability ``major.x`` whose blocks may use up
+    to ``max_shared_bytes`` of shared memory (the opt-in limit): 9 (Hopper's tables) for H100,
+    H200 and B200, 8 (Ampere's) for everything else (A100, RTX 30 / 40 / 50 series, L4, L40S)."""
+    return 9 if major >= 9 and max_shared_bytes >= HOPPER_SHARED_BYTES else 8
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -43,10 +55,15 @@ class Plan:
 
 @functools.lru_cache(maxsize=64)
 def _device_facts(device: torch.device) -> tuple[int, int]:
+    """``(config_arch, SM count)`` of ``device``."""
     if device.type != "cuda":
         return INTERPRETER_ARCH, INTERPRETER_SMS
+    from triton.runtime import driver
+
     props = torch.cuda.get_device_properties(device)
-    return props.major, props.multi_processor_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    max_shared = driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return config_arch(props.major, max_shared), props.multi_processor_count
 
 
 def make_plan(
@@ -56,7 +73,7 @@ def make_plan(
     arch: int | None = None,
     num_sms: int | None = None,
 ) -> Plan:
-    """Configs for input ``x``, ``rank`` and dropout; ``arch`` (compute-capability major) and
+    """Configs for input ``x``, ``rank`` and dropout; ``arch`` (a ``config_arch``: 8 or 9) and
     ``num_sms`` override the device's own (``inspect`` builds for GPUs it doesn't have)."""
     dev_arch, dev_sms = _device_facts(x.device)
     arch = dev_arch if arch is None else arch

@@ -107,6 +107,36 @@ def test_each_generations_config(monkeypatch, arch, dtype, rank):
         triton_path._device_facts.cache_clear()
 
 
+@pytest.mark.parametrize("major, max_shared, expected", [(12, 99 * 1024, 8), (10, 227 * 1024, 9)])
+def test_cuda_device_facts(monkeypatch, major, max_shared, expected):
+    """A CUDA device's table key comes from its capability and Triton's reading of its opt-in
+    shared memory per block (here both stand-ins: no GPU on this machine)."""
+    from types import SimpleNamespace
+
+    from triton.runtime import driver
+
+    asked = []
+
+    def device_properties(index):
+        asked.append(index)
+        return {"max_shared_mem": max_shared, "multiprocessor_count": 1}
+
+    props = SimpleNamespace(major=major, multi_processor_count=170)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    saved = dict(vars(driver))
+    driver.set_active(
+        SimpleNamespace(utils=SimpleNamespace(get_device_properties=device_properties))
+    )
+    triton_path._device_facts.cache_clear()
+    try:
+        assert triton_path._device_facts(torch.device("cuda", 1)) == (expected, 170)
+    finally:
+        vars(driver).clear()
+        vars(driver).update(saved)
+        triton_path._device_facts.cache_clear()
+    assert asked == [1]
+
+
 # Every input alone, and all of them (each case costs ~2 s of interpreter launches; the torch
 # path's suite runs all 31 combinations).
 GRADCHECK_CASES = [tuple(i == j for j in range(5)) for i in range(5)] + [(True,) * 5]
