@@ -137,6 +137,36 @@ def test_cuda_device_facts(monkeypatch, major, max_shared, expected):
     assert asked == [1]
 
 
+def test_launch_runs_on_its_tensors_gpu(monkeypatch):
+    """Triton launches on the current CUDA device: a launch whose tensors live on ``cuda:1``
+    enters ``torch.cuda.device(cuda:1)`` first (stand-ins for the GPU pieces: no GPU here)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    current = []
+
+    @contextlib.contextmanager
+    def cuda_device(device):
+        current.append(device)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((grid, list(current), kwargs))
+
+    monkeypatch.setattr(torch.cuda, "device", cuda_device)
+    on_gpu1 = SimpleNamespace(device=torch.device("cuda", 1))
+    common.launch("k", Kernel(), (3,), (7, on_gpu1, on_gpu1), {"BLOCK": 16})
+    assert launched == [((3,), [torch.device("cuda", 1)], {"BLOCK": 16, **common.LAUNCH_OPTIONS})]
+    common.launch("k", Kernel(), (3,), (torch.empty(2),), {})  # CPU (the interpreter): as it is
+    assert launched[-1][1] == [] and current == []
+
+
 # Every input alone, and all of them (each case costs ~2 s of interpreter launches; the torch
 # path's suite runs all 31 combinations).
 GRADCHECK_CASES = [tuple(i == j for j in range(5)) for i in range(5)] + [(True,) * 5]

@@ -71,12 +71,24 @@ def capture_launches():
 
 
 def launch(name: str, kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
-    """``kernel[grid](*args, **kwargs)``, or recorded under ``capture_launches``."""
+    """``kernel[grid](*args, **kwargs)`` on the GPU its tensors live on, or recorded under
+    ``capture_launches``.
+
+    NOTE: Triton launches on the *current* CUDA device and its current stream, whatever device the
+    arguments live on (triton-lang/triton#2441). A model split over GPUs in one process (peft's
+    ``device_map="auto"``) has layers on ``cuda:1`` while ``cuda:0`` is current: those launches
+    run under ``torch.cuda.device`` of their own tensors.
+    """
     kwargs = {**kwargs, **LAUNCH_OPTIONS}
     if _captured is not None:
         _captured.append(Launch(name, kernel, grid, args, kwargs))
         return
-    kernel[grid](*args, **kwargs)
+    device = next(a.device for a in args if hasattr(a, "device"))
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 @triton.jit
