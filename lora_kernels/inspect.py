@@ -1,6 +1,6 @@
 """Compile every kernel the package launches for a GPU, without one, and report its machine code.
 
-    python -m lora_kernels.inspect [--arch sm_80|sm_90|sm_100|sm_120] [--dtype D] [--rank R]
+    python -m lora_kernels.inspect [--arch sm_80|sm_89|sm_90|sm_100|sm_120] [--dtype D] [--rank R]
                                    [--dropout P] [--json] [--dump DIR] [--jobs N]
 
 For each arch, dtype and rank, the real forward and backward of the Triton path run under
@@ -9,7 +9,7 @@ would make (kernel, grid, arguments, configs) are compiled by Triton's own JIT (
 specializes and compiles as a launch would, and launches nothing), to cubins for the target, with
 any Triton from 3.2 on (``make compat``; sm_100 and sm_120 need Triton 3.3), and their SASS (read
 with the ``cuobjdump`` that Triton ships) tells registers, spills (STL/LDL), tensor-core
-instructions (HMMA on sm_80 and sm_120, HGMMA on sm_90, UTCHMMA on sm_100) and async copies
+instructions (HMMA on sm_80, sm_89 and sm_120, HGMMA on sm_90, UTCHMMA on sm_100) and async copies
 (LDGSTS / UTMALDG); the metadata tells shared memory, against the target's per-block limit. Needs
 ``triton`` and no GPU; not under ``TRITON_INTERPRET``.
 """
@@ -46,6 +46,7 @@ class Target(NamedTuple):
 
 ARCHS = {
     "sm_80": Target(80, 108, 163 * 1024, "HMMA"),  # A100 (Ampere's tables)
+    "sm_89": Target(89, 142, 99 * 1024, "HMMA"),  # L40S (Ampere's tables; also L4, RTX 40xx)
     "sm_90": Target(90, 132, 227 * 1024, "HGMMA"),  # H100: wgmma (Hopper's tables)
     "sm_100": Target(100, 148, 227 * 1024, "UTCHMMA"),  # B200: tcgen05 (Hopper's tables)
     "sm_120": Target(120, 170, 99 * 1024, "HMMA"),  # RTX 5090: mma.sync (Ampere's tables)

@@ -17,6 +17,7 @@ from lora_kernels.inspect import ARCHS
 # out for that version.
 GROUPS = {
     "ampere_hopper": {"archs": ("sm_80", "sm_90"), "ranks": (16, 64)},
+    "ada": {"archs": ("sm_89",), "ranks": (16,)},  # Ampere's tables in 99 KiB a block
     "blackwell": {"archs": ("sm_100", "sm_120"), "ranks": (16,)},
 }
 KERNELS = ["lora_fwd", "lora_bwd_dx", "lora_bwd_dA", "lora_bwd_dB"]
@@ -82,7 +83,7 @@ def test_tensor_cores(built):
     "gpu, major, max_shared_kib, expected",
     [
         ("A100", 8, 163, 8),
-        ("RTX 4090 / L40S (8.9)", 8, 99, 8),
+        ("RTX 4090 / L40S / L4 (8.9)", 8, 99, 8),
         ("H100", 9, 227, 9),
         ("B200", 10, 227, 9),
         ("RTX 5090 (12.0)", 12, 99, 8),
