@@ -75,9 +75,9 @@ def launch(name: str, kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
     ``capture_launches``.
 
     NOTE: Triton launches on the *current* CUDA device and its current stream, whatever device the
-    arguments live on (triton-lang/triton#2441). A model split over GPUs in one process (peft's
-    ``device_map="auto"``) has layers on ``cuda:1`` while ``cuda:0`` is current: those launches
-    run under ``torch.cuda.device`` of their own tensors.
+    arguments live on (triton-lang/triton#2441). A model split over GPUs in one process
+    (transformers' ``device_map="auto"``) has layers on ``cuda:1`` while ``cuda:0`` is current:
+    those launches run under ``torch.cuda.device`` of their own tensors.
     """
     kwargs = {**kwargs, **LAUNCH_OPTIONS}
     if _captured is not None:
