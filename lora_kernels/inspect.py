@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import multiprocessing
 import os
@@ -107,6 +108,24 @@ class _TargetDriver:
         return self.target
 
 
+@contextlib.contextmanager
+def stand_in_driver(stand_in):
+    """Triton's active driver replaced by ``stand_in`` inside the block, then put back as it was.
+
+    NOTE: restored field by field: ``reset_active`` would build the default (CUDA) driver, which
+    raises where there is no GPU.
+    """
+    from triton.runtime import driver
+
+    saved = dict(vars(driver))
+    driver.set_active(stand_in)
+    try:
+        yield
+    finally:
+        vars(driver).clear()
+        vars(driver).update(saved)
+
+
 def compile_launch(launch, capability: int):
     """Compile one captured launch for ``sm_<capability>`` with Triton's own JIT.
 
@@ -114,17 +133,8 @@ def compile_launch(launch, capability: int):
     compiles exactly as a launch would, without launching; the target comes from a stand-in
     driver. Public API since Triton 3.0, so every Triton ``pyproject.toml`` admits builds this way.
     """
-    from triton.runtime import driver
-
-    # NOTE: restored field by field: ``reset_active`` would build the default (CUDA) driver,
-    # which raises where there is no GPU.
-    saved = dict(vars(driver))
-    driver.set_active(_TargetDriver(capability))
-    try:
+    with stand_in_driver(_TargetDriver(capability)):
         return launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.kwargs)
-    finally:
-        vars(driver).clear()
-        vars(driver).update(saved)
 
 
 def analyse_cubin(cubin: bytes) -> dict:

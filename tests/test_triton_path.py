@@ -113,7 +113,7 @@ def test_cuda_device_facts(monkeypatch, major, max_shared, expected):
     shared memory per block (here both stand-ins: no GPU on this machine)."""
     from types import SimpleNamespace
 
-    from triton.runtime import driver
+    from lora_kernels.inspect import stand_in_driver
 
     asked = []
 
@@ -123,16 +123,12 @@ def test_cuda_device_facts(monkeypatch, major, max_shared, expected):
 
     props = SimpleNamespace(major=major, multi_processor_count=170)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
-    saved = dict(vars(driver))
-    driver.set_active(
-        SimpleNamespace(utils=SimpleNamespace(get_device_properties=device_properties))
-    )
+    stand_in = SimpleNamespace(utils=SimpleNamespace(get_device_properties=device_properties))
     triton_path._device_facts.cache_clear()
     try:
-        assert triton_path._device_facts(torch.device("cuda", 1)) == (expected, 170)
+        with stand_in_driver(stand_in):
+            assert triton_path._device_facts(torch.device("cuda", 1)) == (expected, 170)
     finally:
-        vars(driver).clear()
-        vars(driver).update(saved)
         triton_path._device_facts.cache_clear()
     assert asked == [1]
 

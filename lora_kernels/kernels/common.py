@@ -84,10 +84,7 @@ def launch(name: str, kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
         _captured.append(Launch(name, kernel, grid, args, kwargs))
         return
     device = next(a.device for a in args if hasattr(a, "device"))
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            kernel[grid](*args, **kwargs)
-    else:
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         kernel[grid](*args, **kwargs)
 
 
