@@ -18,7 +18,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from .layer import INITS, LoRALayer
+from .layer import INITS, LoRALayer, _check_adapter_dtype
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -96,6 +96,7 @@ def inject_lora(
     dropout: float = 0.0,
     use_rslora: bool = False,
     init: str = "lora",
+    adapter_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Replace every matching ``nn.Linear`` of ``model`` with a ``LoRALayer`` sharing its weight.
 
@@ -105,13 +106,15 @@ def inject_lora(
             to it or to its last dotted parts, ``"query"`` matches ``"...attention.self.query"``),
             a regex string matched against full names, or ``"all-linear"`` (every linear but the
             output head).
-        rank, alpha, dropout, use_rslora, init: as in :class:`LoRALayer`.
+        rank, alpha, dropout, use_rslora, init, adapter_dtype: as in :class:`LoRALayer`
+            (``adapter_dtype=torch.float32`` on a bfloat16 model: float32 adapters, as peft).
 
     Every other parameter is frozen; only ``lora_A`` / ``lora_B`` train. Raises ``ValueError``
     (listing the model's linear layers) when nothing matches, before changing anything.
     """
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
+    _check_adapter_dtype(adapter_dtype)
     linears = _linear_names(model)
     if target_modules == ALL_LINEAR:
         head = _output_layer_name(model)
@@ -142,6 +145,7 @@ def inject_lora(
             dropout=dropout,
             init=init,
             use_rslora=use_rslora,
+            adapter_dtype=adapter_dtype,
         )
         for name in names
     }
@@ -157,10 +161,12 @@ def from_peft(peft_model) -> nn.Module:
     """The model under a peft LoRA model, each peft LoRA ``Linear`` replaced by a ``LoRALayer``.
 
     The base ``nn.Linear`` objects are reused (no copy); adapter weights are copied, transposed
-    into our ``(in, r)`` / ``(r, out)`` layout; each layer keeps peft's scaling (rsLoRA, rank and
-    alpha patterns included) and dropout probability. Raises ``ValueError`` naming the module and
-    the feature for what ``LoRALayer`` doesn't do (DoRA, several active adapters, ``lora_bias``,
-    merged adapters, ``fan_in_fan_out``, LoRA on non-``Linear`` layers), before changing anything.
+    into our ``(in, r)`` / ``(r, out)`` layout and in their own dtype (peft keeps float32
+    adapters on a bfloat16 or float16 model by default; so do we); each layer keeps peft's
+    scaling (rsLoRA, rank and alpha patterns included) and dropout probability. Raises
+    ``ValueError`` naming the module and the feature for what ``LoRALayer`` doesn't do (DoRA,
+    several active adapters, ``lora_bias``, merged adapters, ``fan_in_fan_out``, LoRA on
+    non-``Linear`` layers), before changing anything.
     """
     from peft.tuners.lora.layer import Linear as PeftLinear
     from peft.tuners.lora.layer import LoraLayer as PeftLoraLayer
@@ -197,7 +203,7 @@ def from_peft(peft_model) -> nn.Module:
         dropout = module.lora_dropout[adapter]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-        layer = _adapted(module.base_layer, A, B, dropout=p)
+        layer = _adapted(module.base_layer, A, B, dropout=p, adapter_dtype=A.dtype)
         layer.scaling = float(module.scaling[adapter])  # rsLoRA and patterns included
         layer.alpha = float(module.lora_alpha[adapter])
         layer.use_rslora = bool(getattr(module, "use_rslora", {}).get(adapter, False))
@@ -336,15 +342,20 @@ def _read_adapter(directory: str):
     return config, tensors, config_path, weights_path
 
 
-def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load_peft_adapter(
+    model: nn.Module, directory: str | os.PathLike, adapter_dtype: torch.dtype | None = None
+) -> nn.Module:
     """Inject ``LoRALayer``s carrying a peft LoRA adapter's weights and config into ``model``.
 
     Everything is read and checked first: both files present and parseable, a supported config,
     every key of the form ``base_model.model.<module>.lora_{A,B}.weight`` naming an
     ``nn.Linear`` of ``model`` with matching shapes, A and B paired. On any error the model is
     left exactly as it was and the ``ValueError`` names the file and the problem. Then every
-    other parameter is frozen, as :func:`inject_lora` does. Returns ``model``.
+    other parameter is frozen, as :func:`inject_lora` does. The adapters take each linear's
+    dtype, or ``adapter_dtype`` when given (``torch.float32`` on a bfloat16 model, as peft's
+    ``autocast_adapter_dtype`` does). Returns ``model``.
     """
+    _check_adapter_dtype(adapter_dtype)
     directory = os.fspath(directory)
     config, tensors, config_path, weights_path = _read_adapter(directory)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -387,8 +398,9 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Modu
         alpha = float(_pattern_value(alpha_pattern, name, config["lora_alpha"]))
         checked.append((name, module, A, B, alpha))
 
+    kwargs = {"use_rslora": use_rslora, "adapter_dtype": adapter_dtype}
     new = {
-        name: _adapted(module, A, B, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        name: _adapted(module, A, B, alpha=alpha, dropout=dropout, **kwargs)
         for name, module, A, B, alpha in checked
     }
     _replace(model, new)

@@ -138,12 +138,25 @@ def validate(
             f"x has dtype {x.dtype}; supported dtypes are "
             + ", ".join(str(d) for d in SUPPORTED_DTYPES)
         )
+    # The base layer computes in x's dtype, as nn.Linear does. The adapters may be kept in
+    # another dtype (float32 adapters on a bfloat16 model, peft's default): they are cast to x's
+    # dtype for the computation and their gradients come back in their own dtype.
     for name, t in named[1:]:
-        if t.dtype != x.dtype:
+        if name in ("weight", "bias") and t.dtype != x.dtype:
             raise TypeError(
                 f"dtype mismatch: x is {x.dtype} but {name} is {t.dtype}; "
-                "cast them to one dtype (e.g. layer.to(x.dtype))"
+                "cast them to one dtype (e.g. layer.to(x.dtype)), or run under torch.autocast"
             )
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(
+            f"dtype mismatch: lora_A is {lora_A.dtype} but lora_B is {lora_B.dtype}; "
+            "the adapters must share one dtype"
+        )
+    if lora_A.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"lora_A and lora_B have dtype {lora_A.dtype}; supported dtypes are "
+            + ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        )
     for name, t in named[1:]:
         if t.device != x.device:
             raise ValueError(
@@ -165,6 +178,27 @@ def validate(
     return resolve_backend(x, backend)
 
 
+@torch.compiler.assume_constant_result  # a fact of the build (torch 2.6's dynamo can't trace it)
+def _autocast_available(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` casts to on ``device``'s type, ``None`` where it is off."""
+    kind = device.type
+    if not _autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
+def _autocast(t: object, dtype: torch.dtype) -> object:
+    """``t`` as autocast would pass it to ``F.linear``: floating-point tensors other than
+    float64 in autocast's dtype, everything else as it is."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
+
+
 def draw_seed() -> torch.Tensor:
     """A dropout seed from PyTorch's default generator, so ``torch.manual_seed`` reproduces runs.
 
@@ -183,8 +217,13 @@ class LoRALinearFunction(torch.autograd.Function):
 
     ``apply(x, weight, bias, lora_A, lora_B, scaling=1.0, dropout_p=0.0, seed=None,
     backend="auto")``; shapes as in :func:`lora_linear`. Saved for backward: ``x`` (by reference,
-    only when ``dA`` or ``dW`` is needed), the weights (parameters, no copies), ``S = dropout(x) A``
-    (``(M, r)``, only when ``dB`` is needed) and the dropout seed; never a dropped copy of ``x``.
+    only when ``dA`` or ``dW`` is needed; under autocast its autocast-dtype copy, as ``F.linear``
+    keeps), the weights (parameters, no copies), ``S = dropout(x) A`` (``(M, r)``, only when
+    ``dB`` is needed) and the dropout seed; never a dropped copy of ``x``.
+
+    Dtypes: ``x``, ``weight`` and ``bias`` share one; ``lora_A`` and ``lora_B`` share one, which
+    may differ (cast to ``x``'s for the computation; their gradients come back in their own).
+    Under ``torch.autocast`` ``x``, ``weight`` and ``bias`` are cast to autocast's dtype first.
     """
 
     @staticmethod
@@ -200,6 +239,12 @@ class LoRALinearFunction(torch.autograd.Function):
         seed=None,
         backend="auto",
     ):
+        # Under torch.autocast the base layer runs as autocast runs nn.Linear: x, weight and
+        # bias in autocast's dtype. Gradients returned in that dtype are cast back to each
+        # input's own dtype by autograd. The adapters keep their dtype (see validate).
+        cast = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+        if cast is not None:
+            x, weight, bias = (_autocast(t, cast) for t in (x, weight, bias))
         backend = validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
         scaling, dropout_p = float(scaling), float(dropout_p)
         if dropout_p == 0.0:
@@ -273,17 +318,18 @@ def lora_linear(
 
     Args:
         x: ``(..., K)`` input of any leading shape.
-        weight: ``(N, K)`` base weight (``nn.Linear.weight``).
-        bias: ``(N,)`` base bias or ``None``.
-        lora_A: ``(K, r)`` LoRA down-projection.
-        lora_B: ``(r, N)`` LoRA up-projection.
+        weight: ``(N, K)`` base weight (``nn.Linear.weight``), ``x``'s dtype.
+        bias: ``(N,)`` base bias or ``None``, ``x``'s dtype.
+        lora_A: ``(K, r)`` LoRA down-projection; its dtype may differ from ``x``'s (it is cast
+            to ``x``'s for the computation, and its gradient comes back in its own).
+        lora_B: ``(r, N)`` LoRA up-projection, ``lora_A``'s dtype.
         scaling: ``s``, the factor on the LoRA branch.
         dropout_p: dropout probability on the LoRA branch's input, in ``[0, 1)``.
         seed: dropout seed; ``None`` draws one from PyTorch's default generator.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
 
     Returns:
-        ``(..., N)`` tensor of ``x``'s dtype.
+        ``(..., N)`` tensor of ``x``'s dtype (under ``torch.autocast``: autocast's dtype).
 
     Example::
 

@@ -8,7 +8,7 @@ import numbers
 import torch
 from torch import nn
 
-from .function import lora_linear
+from .function import SUPPORTED_DTYPES, lora_linear
 
 INITS = ("lora", "gaussian", "seed")
 
@@ -25,6 +25,15 @@ def _check_dropout(dropout: object) -> float:
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     return float(dropout)
+
+
+def _check_adapter_dtype(adapter_dtype: object) -> torch.dtype | None:
+    if adapter_dtype is not None and adapter_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"adapter_dtype must be None or one of "
+            f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}, got {adapter_dtype!r}"
+        )
+    return adapter_dtype
 
 
 def lora_scaling(rank: int, alpha: float | None, use_rslora: bool) -> float:
@@ -61,6 +70,10 @@ class LoRALayer(nn.Module):
             std ``1 / rank``, ``lora_B`` zeros) or ``"seed"`` (both ``torch.randn``).
         use_rslora: rank-stabilised scaling ``alpha / sqrt(rank)``.
         device, dtype: factory kwargs for every parameter.
+        adapter_dtype: dtype of ``lora_A`` / ``lora_B`` when it should differ from ``dtype``:
+            ``torch.float32`` keeps float32 adapters (the optimizer's master weights) on a
+            bfloat16 or float16 layer, peft's default. The LoRA branch then computes in the
+            input's dtype and the adapters' gradients arrive in float32.
 
     Attributes:
         linear: the frozen ``nn.Linear(in_features, out_features)``.
@@ -70,7 +83,8 @@ class LoRALayer(nn.Module):
         merged: whether the update is currently folded into ``linear.weight``.
 
     Shape:
-        input ``(..., in_features)``, output ``(..., out_features)``, dtype kept.
+        input ``(..., in_features)``, output ``(..., out_features)``, dtype kept (under
+        ``torch.autocast``: autocast's dtype, as ``nn.Linear`` gives).
 
     Example::
 
@@ -94,9 +108,11 @@ class LoRALayer(nn.Module):
         use_rslora: bool = False,
         device=None,
         dtype=None,
+        adapter_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         rank = _check_rank(rank)
+        adapter_dtype = _check_adapter_dtype(adapter_dtype)
         factory_kwargs = {"device": device, "dtype": dtype}
         self._setup(
             nn.Linear(in_features, out_features, bias=bias, **factory_kwargs),
@@ -105,6 +121,7 @@ class LoRALayer(nn.Module):
             dropout,
             init,
             use_rslora,
+            adapter_dtype,
         )
 
     @classmethod
@@ -117,21 +134,23 @@ class LoRALayer(nn.Module):
         dropout: float = 0.0,
         init: str = "lora",
         use_rslora: bool = False,
+        adapter_dtype: torch.dtype | None = None,
     ) -> LoRALayer:
         """Wrap an existing ``nn.Linear`` (no copy: the layer's ``linear`` *is* ``linear``).
 
         The linear's parameters are frozen in place; ``lora_A`` / ``lora_B`` are created on its
-        device with its dtype.
+        device, with its dtype unless ``adapter_dtype`` says otherwise.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         rank = _check_rank(rank)
+        adapter_dtype = _check_adapter_dtype(adapter_dtype)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._setup(linear, rank, alpha, dropout, init, use_rslora)
+        layer._setup(linear, rank, alpha, dropout, init, use_rslora, adapter_dtype)
         return layer
 
-    def _setup(self, linear, rank, alpha, dropout, init, use_rslora) -> None:
+    def _setup(self, linear, rank, alpha, dropout, init, use_rslora, adapter_dtype) -> None:
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
         self.dropout = _check_dropout(dropout)
@@ -139,7 +158,10 @@ class LoRALayer(nn.Module):
         self.rank, self.alpha, self.use_rslora, self.init = rank, alpha, bool(use_rslora), init
         self.linear = linear
         self.linear.requires_grad_(False)
-        factory_kwargs = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+        factory_kwargs = {
+            "device": linear.weight.device,
+            "dtype": adapter_dtype or linear.weight.dtype,
+        }
         self.lora_A = nn.Parameter(torch.empty(linear.in_features, rank, **factory_kwargs))
         self.lora_B = nn.Parameter(torch.empty(rank, linear.out_features, **factory_kwargs))
         self.merged = False
@@ -223,4 +245,9 @@ class LoRALayer(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
             f"merged={self.merged}"
+            + (
+                f", adapter_dtype={self.lora_A.dtype}"
+                if self.lora_A.dtype != self.linear.weight.dtype
+                else ""
+            )
         )

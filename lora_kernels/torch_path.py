@@ -42,7 +42,9 @@ def forward(
     dropout_p: float,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x (M, K) -> (y (M, N), S (M, r))`` with ``y = x W^T + b + scaling * S B``."""
+    """``x (M, K) -> (y (M, N), S (M, r))`` with ``y = x W^T + b + scaling * S B``; adapters of
+    another dtype compute in ``x``'s."""
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     if dropout_p > 0.0:
         m, k = x.shape
         keep = keep_mask(x.shape, dropout_p, seed, x.device)
@@ -79,9 +81,12 @@ def backward(
     """Gradients ``(dx, dW, db, dA, dB)`` of the 2-D forward; ``None`` where ``needs`` says no.
 
     ``needs`` is ``ctx.needs_input_grad`` for ``(x, weight, bias, lora_A, lora_B)``. ``x`` may be
-    ``None`` when neither ``dA`` nor ``dW`` is needed, ``S`` when ``dB`` is not.
+    ``None`` when neither ``dA`` nor ``dW`` is needed, ``S`` when ``dB`` is not. ``dA`` and
+    ``dB`` come back in the adapters' own dtype.
     """
     need_x, need_w, need_b, need_a, need_lb = needs
+    adapter_dtype = lora_A.dtype
+    lora_A, lora_B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
     dx = dw = db = da = dlb = None
     if need_x or need_a:
         dropout = dropout_p > 0.0
@@ -104,6 +109,10 @@ def backward(
         dw = dy.t() @ x
     if need_b:
         db = dy.sum(0)
+    if da is not None:
+        da = da.to(adapter_dtype)
+    if dlb is not None:
+        dlb = dlb.to(adapter_dtype)
     return dx, dw, db, da, dlb
 
 

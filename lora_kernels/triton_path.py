@@ -95,8 +95,10 @@ def make_plan(
 
 def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *, plan, store_t=True):
     """``x (M, K) -> (y (M, N), T (M, r) | None)``: one fused launch; two with dropout (a T-only
-    pass that generates each mask element once, then the output pass reading T)."""
+    pass that generates each mask element once, then the output pass reading T). Adapters of
+    another dtype compute in ``x``'s."""
     common = {"precision": plan.precision, "upcast": plan.upcast}
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     t_in = None
     if dropout_p > 0.0:
         _, t_in = fused_mm(
@@ -113,8 +115,11 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *, plan, 
 
 
 def backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, *, plan):
-    """Gradients ``(dx, dW, db, dA, dB)``, ``None`` where ``needs`` says no (see torch_path)."""
+    """Gradients ``(dx, dW, db, dA, dB)``, ``None`` where ``needs`` says no (see torch_path).
+    ``dA`` and ``dB`` are float32 reductions rounded once, to the adapters' own dtype."""
     need_x, need_w, need_b, need_a, need_lb = needs
+    adapter_dtype = lora_A.dtype
+    lora_A, lora_B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
     dx = dw = db = da = dlb = None
     grad_kw = {"num_sms": plan.num_sms, "precision": plan.precision, "upcast": plan.upcast}
     if need_x or need_a:
@@ -139,12 +144,12 @@ def backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, 
         )
     if need_a:
         da = lora_grad(
-            dT, x, transpose_out=True, out_dtype=x.dtype, config=plan.grad_dA,
+            dT, x, transpose_out=True, out_dtype=adapter_dtype, config=plan.grad_dA,
             dropout_p=dropout_p, seed=seed, name="lora_bwd_dA", **grad_kw,
         )  # fmt: skip
     if need_lb:
         dlb = lora_grad(
-            T, dy, transpose_out=False, out_dtype=dy.dtype, config=plan.grad_dB,
+            T, dy, transpose_out=False, out_dtype=adapter_dtype, config=plan.grad_dB,
             name="lora_bwd_dB", **grad_kw,
         )  # fmt: skip
     # dW and db only exist for users who unfreeze the base layer: plain cuBLAS / reductions.
@@ -183,10 +188,6 @@ def plan_string(x: torch.Tensor, rank: int, dropout_p: float) -> str:
 def plan_from_str(text: str) -> Plan:
     """The inverse of ``plan_to_str`` (cached: backward runs it on every call)."""
     return Plan(**json.loads(text))
-
-
-def _empty(like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty(0)
 
 
 @torch.library.custom_op("lora_kernels::triton_forward", mutates_args=())
@@ -235,11 +236,13 @@ def backward_op(
         dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, int(seed), tuple(needs),
         plan=plan_from_str(plan),
     )  # fmt: skip
-    return [_empty(dy) if g is None else g for g in grads]
+    likes = (dy, dy, dy, lora_A, lora_B)  # the fake's dtypes (dA and dB: the adapters')
+    return [like.new_empty(0) if g is None else g for g, like in zip(grads, likes)]
 
 
 @backward_op.register_fake
 def _(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, plan, needs):
     (m, n), k, r = dy.shape, weight.shape[1], lora_A.shape[1]
     shapes = [(m, k), (n, k), (n,), (k, r), (r, n)]
-    return [dy.new_empty(s if need else (0,)) for s, need in zip(shapes, needs)]
+    likes = (dy, dy, dy, lora_A, lora_B)
+    return [like.new_empty(s if need else (0,)) for s, like, need in zip(shapes, likes, needs)]

@@ -322,3 +322,58 @@ def test_failed_save_leaves_the_directory_as_it_was(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_peft_adapter(inject_lora(Toy(), ["query"]), tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+# --- float32 adapters on a bfloat16 model (peft's default) -------------------------------------
+
+
+def bf16_peft_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).bfloat16()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"])
+    peft_model = peft.get_peft_model(model, config)  # autocast_adapter_dtype: float32 adapters
+    randomize_lora_B(peft_model)
+    return peft_model.eval()
+
+
+def test_from_peft_keeps_float32_adapters():
+    peft_model = bf16_peft_model()
+    x = torch.randn(5, 16).bfloat16()
+    expected = peft_model(x)
+    weights = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    model = from_peft(peft_model)
+    for i in (0, 2):
+        layer = model[i]
+        assert layer.linear.weight.dtype == torch.bfloat16
+        assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+        assert torch.equal(layer.lora_A, weights[f"base_model.model.{i}.lora_A.default.weight"].t())
+        assert torch.equal(layer.lora_B, weights[f"base_model.model.{i}.lora_B.default.weight"].t())
+    got = model(x)
+    assert got.dtype == torch.bfloat16
+    # peft runs the LoRA branch in float32, ours in bfloat16 (as autocast would): equal up to
+    # bfloat16 rounding.
+    assert_close("y", got, expected.double(), 2e-2)
+
+
+def test_float32_adapters_round_trip_through_files(tmp_path):
+    model = from_peft(bf16_peft_model())
+    save_peft_adapter(model, tmp_path / "a")
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "a" / adapters.WEIGHTS_NAME)
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+
+    def fresh():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).bfloat16()
+
+    kept = load_peft_adapter(fresh(), tmp_path / "a", adapter_dtype=torch.float32)
+    default = load_peft_adapter(fresh(), tmp_path / "a")
+    for i in (0, 2):
+        assert kept[i].lora_A.dtype == torch.float32
+        assert torch.equal(kept[i].lora_A, model[i].lora_A)
+        assert torch.equal(kept[i].lora_B, model[i].lora_B)
+        assert default[i].lora_A.dtype == torch.bfloat16  # the linear's dtype, as before
+    with pytest.raises(TypeError, match="adapter_dtype"):
+        load_peft_adapter(fresh(), tmp_path / "a", adapter_dtype="float32")

@@ -1,4 +1,4 @@
-"""The examples in README.md run as written."""
+"""The examples in README.md, and docs/usage.md's mixed-precision example, run as written."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import re
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-README_BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+README_BLOCKS = BLOCK.findall((ROOT / "README.md").read_text())
 
 
 def test_readme_has_examples():
@@ -18,3 +19,10 @@ def test_readme_has_examples():
 @pytest.mark.parametrize("block", README_BLOCKS)
 def test_readme_example_runs(block):
     exec(compile(block, "README.md", "exec"), {})
+
+
+def test_usage_mixed_precision_example_runs():
+    text = (ROOT / "docs" / "usage.md").read_text()
+    section = text.split("## Mixed precision")[1].split("\n## ")[0]
+    (block,) = BLOCK.findall(section)
+    exec(compile(block, "docs/usage.md", "exec"), {})

@@ -49,6 +49,32 @@ def test_compile_fullgraph_matches_eager():
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
+def test_compile_fullgraph_under_autocast_matches_eager():
+    """bfloat16 autocast around a compiled float32 model: eager's dtypes and numbers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        LoRALayer(16, 32, rank=4, alpha=8, init="seed"),
+        nn.GELU(),
+        LoRALayer(32, 8, rank=2, init="seed"),
+    )
+    x = torch.randn(3, 5, 16)
+    compiled = torch.compile(model, fullgraph=True)
+    results = []
+    for fn in (model, compiled):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x)
+        y.float().square().mean().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((y.detach(), grads))
+        model.zero_grad(set_to_none=True)
+    (y_eager, g_eager), (y_comp, g_comp) = results
+    assert y_comp.dtype == torch.bfloat16
+    assert_close("y", y_comp, y_eager.double(), 1e-2)
+    for i, (got, want) in enumerate(zip(g_comp, g_eager)):
+        assert got.dtype == torch.float32
+        assert_close(f"grad {i}", got, want.double(), 1e-2)
+
+
 # --- DDP: 2 processes, gloo, CPU -----------------------------------------------------------
 
 
@@ -145,19 +171,24 @@ def test_compile_fullgraph_layer_dropout():
     assert_close("eval", compiled(x), model(x).double(), 1e-6)
 
 
-def test_compile_fullgraph_triton_path():
+@pytest.mark.parametrize(
+    "dtype, adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)]
+)
+def test_compile_fullgraph_triton_path(dtype, adapter_dtype):
     """The Triton path is two torch.library ops: one graph, and eager-equal results (the
-    kernels run in the interpreter here, on a GPU for real)."""
+    kernels run in the interpreter here, on a GPU for real); with float32 adapters on a
+    bfloat16 layer too (the ops' fake results carry the adapters' gradient dtype)."""
     from helpers import KERNEL_DEVICE
 
     from lora_kernels import lora_linear
 
     gen = torch.Generator().manual_seed(3)
-    dev = {"device": KERNEL_DEVICE}
+    dev = {"device": KERNEL_DEVICE, "dtype": dtype}
+    ad = {"device": KERNEL_DEVICE, "dtype": adapter_dtype}
     x = torch.randn(6, 16, generator=gen).to(**dev).requires_grad_(True)
     w, b = torch.randn(12, 16, generator=gen).to(**dev), torch.randn(12, generator=gen).to(**dev)
-    A = torch.randn(16, 4, generator=gen).to(**dev).requires_grad_(True)
-    B = torch.randn(4, 12, generator=gen).to(**dev).requires_grad_(True)
+    A = torch.randn(16, 4, generator=gen).to(**ad).requires_grad_(True)
+    B = torch.randn(4, 12, generator=gen).to(**ad).requires_grad_(True)
 
     def f(x, A, B):
         return lora_linear(x, w, b, A, B, 0.5, dropout_p=0.3, seed=99, backend="triton")

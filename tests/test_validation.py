@@ -43,9 +43,19 @@ FUNCTION_CASES = [
         ["dtype mismatch", "torch.float32", "weight is torch.float64"],
     ),
     (
+        {"bias": torch.randn(5, dtype=torch.float64)},
+        TypeError,
+        ["dtype mismatch", "x is torch.float32", "bias is torch.float64"],
+    ),
+    (
         {"lora_B": torch.randn(2, 5).half()},
         TypeError,
-        ["dtype mismatch", "lora_B is torch.float16"],
+        ["dtype mismatch", "lora_A is torch.float32", "lora_B is torch.float16", "one dtype"],
+    ),
+    (
+        {"lora_A": torch.ones(8, 2, dtype=torch.int64), "lora_B": torch.ones(2, 5).long()},
+        TypeError,
+        ["lora_A and lora_B have dtype torch.int64", "supported"],
     ),
     ({"x": torch.ones(3, 8, dtype=torch.int64)}, TypeError, ["torch.int64", "supported"]),
     (
