@@ -1,4 +1,5 @@
-"""PyTorch's machinery on models built from LoRALayer: torch.compile and DistributedDataParallel."""
+"""PyTorch's machinery on models built from LoRALayer: torch.compile, autocast under compile,
+activation checkpointing and DistributedDataParallel."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import assert_close
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lora_kernels import LoRALayer
 
@@ -73,6 +75,47 @@ def test_compile_fullgraph_under_autocast_matches_eager():
     for i, (got, want) in enumerate(zip(g_comp, g_eager)):
         assert got.dtype == torch.float32
         assert_close(f"grad {i}", got, want.double(), 1e-2)
+
+
+# --- activation checkpointing ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_checkpoint_recomputes_the_same_dropout_mask(use_reentrant, backend):
+    """Under torch.utils.checkpoint the forward runs twice; the recomputation draws the same seed
+    (checkpoint restores the RNG state), so the gradients equal an uncheckpointed run's, bit for
+    bit."""
+    from helpers import KERNEL_DEVICE
+
+    from lora_kernels import lora_linear
+
+    dev = "cpu" if backend == "torch" else KERNEL_DEVICE
+    gen = torch.Generator().manual_seed(4)
+    w1, w2 = torch.randn(32, 16, generator=gen), torch.randn(8, 32, generator=gen)
+    leaves = [
+        torch.randn(5, 16, generator=gen),
+        torch.randn(16, 4, generator=gen),
+        torch.randn(4, 32, generator=gen),
+        torch.randn(32, 2, generator=gen),
+        torch.randn(2, 8, generator=gen),
+    ]
+    w1, w2 = w1.to(dev), w2.to(dev)
+    leaves = [t.to(dev).requires_grad_(True) for t in leaves]
+
+    def block(x, a1, b1, a2, b2):
+        h = lora_linear(x, w1, None, a1, b1, 0.5, dropout_p=0.3, backend=backend)
+        return lora_linear(torch.tanh(h), w2, None, a2, b2, 2.0, dropout_p=0.3, backend=backend)
+
+    runs = []
+    for fn in (block, lambda *t: checkpoint(block, *t, use_reentrant=use_reentrant)):
+        torch.manual_seed(7)
+        fn(*leaves).square().sum().backward()
+        runs.append([t.grad.clone() for t in leaves])
+        for t in leaves:
+            t.grad = None
+    for i, (plain, ckpt) in enumerate(zip(*runs)):
+        assert torch.equal(plain, ckpt), f"gradient {i} differs under checkpoint"
 
 
 # --- DDP: 2 processes, gloo, CPU -----------------------------------------------------------
