@@ -60,7 +60,9 @@ compat: $(STAMP)
 # (PyPI's CUDA build, about 6 GiB; it runs on CPU). Two runs: the whole suite with Triton 3.9 first
 # on PYTHONPATH (the kernels' interpreter tests need 3.9), less the GPU builds (`make compat`'s
 # job), then the torch.compile tests with the pinned Triton (inductor needs the Triton its torch
-# pins), except the one compiling the kernels in the interpreter. CI runs this after `make compat`.
+# pins), except the one compiling the kernels in the interpreter. The FSDP2 test is left out:
+# torch 2.6's FSDP2 can't run on CPU (its CPU stream has no record_event), a gap of that torch,
+# not of ours; it runs in `make test`. CI runs this after `make compat`.
 TORCH_FLOOR ?= torch==2.6.0
 FLOOR_VENV ?= .venv-floor
 FLOOR_PY := $(FLOOR_VENV)/bin/python
@@ -81,8 +83,8 @@ $(PIN_DIR): $(FLOOR_STAMP)
 floor: $(FLOOR_STAMP) $(PIN_DIR)
 	$(FLOOR_PY) -c 'import torch; v = torch.__version__.split("+")[0]; \
 	  assert "torch==" + v == "$(TORCH_FLOOR)", v'
-	PYTHONPATH=$(PIN_DIR) $(FLOOR_PY) -m pytest -q -p no:cacheprovider -k "not compile_fullgraph" \
-	  --ignore=tests/test_inspect.py
+	PYTHONPATH=$(PIN_DIR) $(FLOOR_PY) -m pytest -q -p no:cacheprovider \
+	  -k "not compile_fullgraph and not fsdp2" --ignore=tests/test_inspect.py
 	$(FLOOR_PY) -m pytest -q -p no:cacheprovider tests/test_machinery.py \
 	  -k "compile_fullgraph and not triton_path"
 

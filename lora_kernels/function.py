@@ -279,7 +279,13 @@ class LoRALinearFunction(torch.autograd.Function):
         )
         ctx.x_shape = x.shape
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.plan = scaling, dropout_p, seed, plan
-        return y2.reshape(*x.shape[:-1], n_out)
+        out_shape = (*x.shape[:-1], n_out)
+        if y2.shape == out_shape:
+            return y2
+        # NOTE: not a view of y2 (F.linear folds batch dimensions the same way): autograd refuses
+        # in-place ops on a custom Function's output that is a view made inside it, and users
+        # take nn.Linear's output in place (`y += residual`, `nn.ReLU(inplace=True)`).
+        return torch.ops.aten._unsafe_view(y2, out_shape)
 
     @staticmethod
     def backward(ctx, dy):

@@ -196,3 +196,41 @@ def test_dropout_only_in_training():
     y1 = layer(x)
     torch.manual_seed(7)
     assert torch.equal(layer(x), y1)  # torch.manual_seed reproduces the mask
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3)])
+def test_output_takes_in_place_ops(backend, lead):
+    """As nn.Linear's: `y += residual`, `relu_` on the output work, with the right gradients
+    (autograd refuses in-place ops on a custom Function's output that is a view made inside it)."""
+    from helpers import KERNEL_DEVICE
+
+    from lora_kernels import lora_linear
+
+    dev = "cpu" if backend == "torch" else KERNEL_DEVICE
+    gen = torch.Generator().manual_seed(11)
+    w, bias = torch.randn(8, 16, generator=gen).to(dev), torch.randn(8, generator=gen).to(dev)
+    leaves = [
+        torch.randn(*lead, 16, generator=gen).to(dev).requires_grad_(True),
+        torch.randn(16, 3, generator=gen).to(dev).requires_grad_(True),
+        torch.randn(3, 8, generator=gen).to(dev).requires_grad_(True),
+    ]
+    residual = torch.randn(*lead, 8, generator=gen).to(dev)
+    y = lora_linear(leaves[0], w, bias, leaves[1], leaves[2], 0.5, backend=backend)
+    assert y.shape == (*lead, 8) and not y._is_view()
+    y += residual
+    y.relu_()
+    y.square().sum().backward()
+
+    ref = [t.detach().double().requires_grad_(True) for t in leaves]
+    y_ref = lora_linear_reference(ref[0], w.double(), bias.double(), ref[1], ref[2], 0.5)
+    torch.relu(y_ref + residual.double()).square().sum().backward()
+    for name, got, want in zip(("x", "lora_A", "lora_B"), leaves, ref):
+        assert_close(f"d{name}", got.grad, want.grad, 1e-4)
+
+
+def test_inplace_activation_after_the_layer_trains():
+    torch.manual_seed(0)
+    model = nn.Sequential(LoRALayer(16, 32, rank=4, init="seed"), nn.ReLU(inplace=True))
+    model(torch.randn(2, 7, 16)).sum().backward()
+    assert model[0].lora_A.grad is not None and model[0].lora_A.grad.abs().sum() > 0

@@ -1,5 +1,5 @@
 """PyTorch's machinery on models built from LoRALayer: torch.compile, autocast under compile,
-activation checkpointing and DistributedDataParallel."""
+activation checkpointing, DistributedDataParallel and FSDP2."""
 
 from __future__ import annotations
 
@@ -118,10 +118,21 @@ def test_checkpoint_recomputes_the_same_dropout_mask(use_reentrant, backend):
         assert torch.equal(plain, ckpt), f"gradient {i} differs under checkpoint"
 
 
-# --- DDP: 2 processes, gloo, CPU -----------------------------------------------------------
+# --- DDP and FSDP2: 2 processes, gloo, CPU ------------------------------------------------
 
 
-def _ddp_worker(rank, world, x, y, out_dir):
+def _wrap(model, how):
+    if how == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:  # FSDP2 as torchtune applies it: each layer, then the root
+        if isinstance(layer, LoRALayer):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def _dist_worker(rank, world, x, y, out_dir, how):
     # A file rendezvous private to this test run (no port to race for), and a timeout so a lost
     # peer fails the test instead of hanging it.
     dist.init_process_group(
@@ -132,24 +143,28 @@ def _ddp_worker(rank, world, x, y, out_dir):
         timeout=datetime.timedelta(seconds=60),
     )
     try:
-        model = nn.parallel.DistributedDataParallel(small_model())
+        model = _wrap(small_model(), how)
         shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
         nn.functional.mse_loss(model(x[shard]), y[shard]).backward()
-        torch.save(
-            {n: None if p.grad is None else p.grad for n, p in model.module.named_parameters()},
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
+        params = (model.module if how == "ddp" else model).named_parameters()
+        # FSDP2 keeps each rank's shard of a gradient (a DTensor): gather the whole of it.
+        grads = {n: p.grad if p.grad is None or how == "ddp" else p.grad.full_tensor()
+                 for n, p in params}  # fmt: skip
+        torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_gradients_equal_full_batch(tmp_path):
+@pytest.mark.parametrize("how", ["ddp", "fsdp2"])
+def test_data_parallel_gradients_equal_full_batch(tmp_path, how):
+    """DistributedDataParallel and FSDP2 (``fully_shard``) over two ranks: each rank's LoRA
+    gradients equal one process's full-batch gradients; frozen weights get none."""
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(12, 16, generator=gen), torch.randn(12, 8, generator=gen)
     world = 2
     context = mp.start_processes(
-        _ddp_worker,
-        args=(world, x, y, str(tmp_path)),
+        _dist_worker,
+        args=(world, x, y, str(tmp_path), how),
         nprocs=world,
         start_method="spawn",
         join=False,
@@ -159,13 +174,14 @@ def test_ddp_gradients_equal_full_batch(tmp_path):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail("DDP workers did not finish within 180 s")
+            pytest.fail(f"{how} workers did not finish within 180 s")
     single = small_model()
     nn.functional.mse_loss(single(x), y).backward()
     for rank in range(world):
         grads = torch.load(tmp_path / f"rank{rank}.pt")
+        assert grads.keys() == dict(single.named_parameters()).keys()
         for name, p in single.named_parameters():
-            if p.requires_grad:  # DDP averages the shards' mean losses: the full-batch mean
+            if p.requires_grad:  # both average the shards' mean losses: the full-batch mean
                 assert_close(f"rank {rank} {name}", grads[name], p.grad.double(), 1e-6)
             else:
                 assert grads[name] is None, name  # frozen weights get no gradient
