@@ -76,7 +76,8 @@ class LoRALayer(nn.Module):
             input's dtype and the adapters' gradients arrive in float32.
 
     Attributes:
-        linear: the frozen ``nn.Linear(in_features, out_features)``.
+        linear: the frozen ``nn.Linear(in_features, out_features)``; ``weight`` and ``bias``
+            are its parameters (read-only properties, as on peft's LoRA layers).
         lora_A: ``(in_features, rank)`` parameter.
         lora_B: ``(rank, out_features)`` parameter.
         scaling: the float ``s``.
@@ -174,6 +175,18 @@ class LoRALayer(nn.Module):
     @property
     def out_features(self) -> int:
         return self.linear.out_features
+
+    # nn.Linear's attributes, for code that reads them off the module it replaced (transformers'
+    # T5 reads `self.wo.weight.dtype`; peft's LoRA layers forward them the same way).
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight, ``linear.weight`` (the merged one while ``merged``)."""
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The frozen base bias, ``linear.bias``."""
+        return self.linear.bias
 
     def reset_parameters(self) -> None:
         """Initialise ``lora_A`` / ``lora_B`` by ``self.init``; the frozen linear is untouched."""

@@ -125,6 +125,16 @@ def test_from_linear_shares_storage_and_freezes():
     assert layer.scaling == 2.0 and layer.in_features == 12 and layer.out_features == 6
 
 
+def test_linear_attributes_read_through():
+    """Code that reads `.weight` / `.bias` off the nn.Linear it replaced keeps working (T5's
+    `self.wo.weight.dtype`); they are not extra parameters or state-dict entries."""
+    layer = LoRALayer(12, 6, rank=2)
+    assert layer.weight is layer.linear.weight and layer.bias is layer.linear.bias
+    assert LoRALayer(12, 6, bias=False).bias is None
+    assert set(layer.state_dict()) == {"linear.weight", "linear.bias", "lora_A", "lora_B"}
+    assert len(list(layer.parameters())) == 4
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_merge_unmerge_round_trip(dtype, tol):
     torch.manual_seed(5)
