@@ -85,17 +85,20 @@ def _keep_mask_op(
 ) -> torch.Tensor:
     n, seed, threshold = rows * cols, int(seed), keep_threshold(p)
     if device.type == "cpu":
-        keep = torch.empty(n, dtype=torch.bool)
-        per_chunk = 2 * CHUNK_WORDS
-        jobs = [
-            (keep[start : start + per_chunk], _chunk_seed(seed, start // per_chunk), threshold)
-            for start in range(0, n, per_chunk)
-        ]
-        if len(jobs) == 1:
-            _fill_chunk(jobs[0])
-        else:
-            list(_thread_pool().map(_fill_chunk, jobs))
-        return keep.view(rows, cols)
+        # NOTE: out of inference mode, which is per thread: the pool's threads run outside it
+        # and could not write into an inference tensor made by a caller inside it.
+        with torch.inference_mode(False):
+            keep = torch.empty(n, dtype=torch.bool)
+            per_chunk = 2 * CHUNK_WORDS
+            jobs = [
+                (keep[start : start + per_chunk], _chunk_seed(seed, start // per_chunk), threshold)
+                for start in range(0, n, per_chunk)
+            ]
+            if len(jobs) == 1:
+                _fill_chunk(jobs[0])
+            else:
+                list(_thread_pool().map(_fill_chunk, jobs))
+            return keep.view(rows, cols)
     words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device)
     gen = torch.Generator(device=device)
     gen.manual_seed(_chunk_seed(seed, 0))

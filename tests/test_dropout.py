@@ -7,6 +7,7 @@ layer outputs ``dropout(x)`` itself.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 from helpers import KERNEL_DEVICE, TRITON_TOL, assert_close, make_params, make_x, seed_for
 
 from lora_kernels import LoRALayer, LoRALinearFunction, lora_linear, torch_path, triton_path
+from lora_kernels.dropout import CHUNK_WORDS
 from lora_kernels.kernels import common
 from lora_kernels.reference import lora_linear_reference
 
@@ -143,6 +145,25 @@ def test_manual_seed_reproduces(backend):
     torch.manual_seed(0)
     assert torch.equal(call(), y1)
     assert not torch.equal(y1, y2)
+
+
+# One chunk of the mask (the main thread), and three (the pool's threads).
+@pytest.mark.parametrize("m", [5, 2 * (2 * CHUNK_WORDS) // 64 + 3])
+def test_inference_mode_first_then_training(monkeypatch, m):
+    """A first dropout call under torch.inference_mode (generation with a model left in train
+    mode) must not leave buffers that later calls outside it can't refill."""
+    from lora_kernels import dropout
+
+    monkeypatch.setattr(dropout, "_scratch", threading.local())  # as in a fresh process
+    gen = torch.Generator().manual_seed(6)
+    x = make_x((m,), 64, torch.float32, "contiguous", gen)
+    p = make_params(64, 8, 4, torch.float32, True, gen)
+    with torch.inference_mode():
+        y_inference = lora_linear(x, **p, dropout_p=0.5, seed=12, backend="torch")
+    leaves = {k: v.clone().requires_grad_(True) for k, v in p.items()}
+    y = lora_linear(x, **leaves, dropout_p=0.5, seed=12, backend="torch")
+    y.sum().backward()
+    assert torch.equal(y.detach(), y_inference)
 
 
 def test_layer_manual_seed_and_eval():
