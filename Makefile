@@ -75,9 +75,11 @@ $(FLOOR_STAMP): pyproject.toml Makefile
 	$(FLOOR_PY) -m pip install --quiet "$(TORCH_FLOOR)" -e ".[dev,peft]"
 	touch $(FLOOR_STAMP)
 
-$(PIN_DIR): $(FLOOR_STAMP)
+# Order-only on the floor venv (it only needs its pip): a re-stamped venv keeps the folder.
+$(PIN_DIR): | $(FLOOR_STAMP)
 	rm -rf $@.partial
 	$(FLOOR_PY) -m pip install --quiet --no-deps --target $@.partial "$(TRITON_PIN)"
+	rm -rf $@
 	mv $@.partial $@
 
 floor: $(FLOOR_STAMP) $(PIN_DIR)
