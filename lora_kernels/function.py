@@ -242,9 +242,13 @@ class LoRALinearFunction(torch.autograd.Function):
         # Under torch.autocast the base layer runs as autocast runs nn.Linear: x, weight and
         # bias in autocast's dtype. Gradients returned in that dtype are cast back to each
         # input's own dtype by autograd. The adapters keep their dtype (see validate).
+        # (lora_linear casts first, where autograd records it; this is for direct callers.)
         cast = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+        cast_here = False
         if cast is not None:
-            x, weight, bias = (_autocast(t, cast) for t in (x, weight, bias))
+            originals = (x, weight, bias)
+            x, weight, bias = (_autocast(t, cast) for t in originals)
+            cast_here = any(a is not b for a, b in zip((x, weight, bias), originals))
         backend = validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
         scaling, dropout_p = float(scaling), float(dropout_p)
         if dropout_p == 0.0:
@@ -279,6 +283,7 @@ class LoRALinearFunction(torch.autograd.Function):
         )
         ctx.x_shape = x.shape
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.plan = scaling, dropout_p, seed, plan
+        ctx.cast_here = cast_here
         out_shape = (*x.shape[:-1], n_out)
         if y2.shape == out_shape:
             return y2
@@ -295,7 +300,12 @@ class LoRALinearFunction(torch.autograd.Function):
         x2 = None if x is None else x.reshape(-1, k_in)
         args = (dy2, x2, weight, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, ctx.seed)
         needs = tuple(ctx.needs_input_grad[:5])
-        if ctx.plan is not None:
+        if torch.is_grad_enabled():  # backward(create_graph=True): gradients to differentiate
+            _check_double_backward(ctx, x is None)
+            dx, dw, db, da, dlb = torch_path.backward_differentiable(
+                *args, needs, s_scaled=ctx.plan is not None
+            )
+        elif ctx.plan is not None:
             from . import triton_path
 
             *tensors, seed = args
@@ -306,6 +316,28 @@ class LoRALinearFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)
         return dx, dw, db, da, dlb, None, None, None, None
+
+
+def _check_double_backward(ctx, x_dropped: bool) -> None:
+    """Refuse, with the reason, the double backwards whose second derivatives would be wrong."""
+    if x_dropped and ctx.needs_input_grad[4] and ctx.needs_input_grad[0]:
+        raise RuntimeError(
+            "double backward (create_graph=True) through lora_linear with x and lora_B "
+            "requiring grad but lora_A frozen: dB's dependence on x needs x, which forward "
+            "does not keep in that case (only S = x A); let lora_A require grad, or use the "
+            "reference implementation"
+        )
+    if ctx.plan is not None and ctx.dropout_p > 0.0:
+        raise RuntimeError(
+            "double backward (create_graph=True) through lora_linear with dropout is supported "
+            "on backend='torch' only: the Triton kernels' dropout mask exists only inside them"
+        )
+    if ctx.cast_here:
+        raise RuntimeError(
+            "double backward (create_graph=True) through LoRALinearFunction.apply under "
+            "torch.autocast: the autocast casts made inside it are not recorded by autograd; "
+            "call lora_linear (or LoRALayer), which casts before it"
+        )
 
 
 def lora_linear(
@@ -344,6 +376,11 @@ def lora_linear(
         >>> lora_linear(x, W, None, A, B, scaling=0.5).shape
         torch.Size([8, 10])
     """
+    # autocast's casts here, outside the Function, where autograd records them (double backward
+    # differentiates through them); the Function's own cast then has nothing left to do.
+    cast = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+    if cast is not None:
+        x, weight, bias = (_autocast(t, cast) for t in (x, weight, bias))
     return LoRALinearFunction.apply(
         x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend
     )

@@ -151,3 +151,54 @@ def _dropout_dx_da(
         if dx is not None:
             dx[i:j].addcmul_(torch.mm(dS[i:j], lora_At, out=piece), kept_ij)
     return da.to(dS.dtype) if need_a else None
+
+
+def backward_differentiable(
+    dy: torch.Tensor,
+    x: torch.Tensor | None,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    S: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    needs: tuple[bool, bool, bool, bool, bool],
+    *,
+    s_scaled: bool = False,
+) -> tuple[torch.Tensor | None, ...]:
+    """``backward``'s gradients as out-of-place PyTorch ops of ``dy`` and the inputs, for double
+    backward (``create_graph=True``): autograd differentiates them once more.
+
+    ``S`` is recomputed from ``x`` and ``A`` when forward kept ``x`` (whenever ``dA`` or ``dW``
+    is needed); without ``x`` forward's ``S`` is used (``s_scaled``: the Triton path's float32
+    ``T = s S``), a constant unless ``x`` requires grad, a case the caller refuses. The mask is
+    regenerated from the seed: a constant too."""
+    need_x, need_w, need_b, need_a, need_lb = needs
+    adapter_dtype = lora_A.dtype
+    A, B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
+    factor = None  # dropout's 0 or 1 / (1 - p) per element of x
+    if dropout_p > 0.0:
+        keep = keep_mask((dy.shape[0], A.shape[0]), dropout_p, seed, dy.device)
+        factor = keep.to(dy.dtype) / (1.0 - dropout_p)
+    dx = dw = db = da = dlb = None
+    dS = (dy @ B.t()) * scaling
+    if need_x:
+        lora_dx = dS @ A.t()
+        dx = dy @ weight + (lora_dx if factor is None else lora_dx * factor)
+    x_drop = None if x is None else (x if factor is None else x * factor)
+    if need_a:
+        da = (x_drop.t() @ dS).to(adapter_dtype)
+    if need_lb:
+        if x_drop is not None:
+            dlb = (x_drop @ A).t() @ dy * scaling
+        elif s_scaled:  # the Triton path's T = s S, float32
+            dlb = S.t() @ dy.to(S.dtype)
+        else:
+            dlb = S.t() @ dy * scaling
+        dlb = dlb.to(adapter_dtype)
+    if need_w:
+        dw = dy.t() @ x
+    if need_b:
+        db = dy.sum(0)
+    return dx, dw, db, da, dlb
