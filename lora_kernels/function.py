@@ -266,7 +266,8 @@ class LoRALinearFunction(torch.autograd.Function):
 
             # The launch plan, chosen once here and kept on ctx for backward (as a string: it
             # travels through torch.library ops).
-            plan = triton_path.plan_string(x2, lora_A.shape[1], dropout_p)
+            rank = triton_path.plan_rank(lora_A.shape[1])
+            plan = triton_path.plan_string(x2.device, x2.dtype, rank, dropout_p > 0.0)
             y2, S = triton_path.forward_op(
                 x2, weight, bias, lora_A, lora_B, scaling, dropout_p, _seed_tensor(seed), plan,
                 need_lb,

@@ -17,7 +17,7 @@ from typing import List  # noqa: UP035  (see backward_op)
 
 import torch
 
-from .kernels.common import acc_dtype
+from .kernels.common import MIN_DOT_DIM, acc_dtype
 from .kernels.fused_mm import fused_mm, fused_mm_config, fused_mm_t_config
 from .kernels.lora_grad import grad_config, lora_grad
 
@@ -75,21 +75,33 @@ def make_plan(
 ) -> Plan:
     """Configs for input ``x``, ``rank`` and dropout; ``arch`` (a ``config_arch``: 8 or 9) and
     ``num_sms`` override the device's own (``inspect`` builds for GPUs it doesn't have)."""
-    dev_arch, dev_sms = _device_facts(x.device)
+    return plan_for(x.device, x.dtype, rank, dropout_p > 0.0, arch, num_sms)
+
+
+def plan_for(
+    device: torch.device,
+    dtype: torch.dtype,
+    rank: int,
+    dropout: bool = False,
+    arch: int | None = None,
+    num_sms: int | None = None,
+) -> Plan:
+    """``make_plan`` for inputs of ``dtype`` on ``device`` (all a plan depends on of ``x``),
+    ``dropout`` whether the call drops out."""
+    dev_arch, dev_sms = _device_facts(device)
     arch = dev_arch if arch is None else arch
     num_sms = dev_sms if num_sms is None else num_sms
     # float32 follows PyTorch's own switch: TF32 only when the user allowed it for matmuls.
-    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    dropout = dropout_p > 0.0
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     return Plan(
-        fwd=fused_mm_config(arch, x.dtype, rank),
-        t_only=fused_mm_t_config(arch, x.dtype),
-        dx=fused_mm_config(arch, x.dtype, rank, dropout_out=dropout),
-        grad_dA=grad_config(arch, x.dtype, rank, dropout=dropout),
-        grad_dB=grad_config(arch, x.dtype, rank),
+        fwd=fused_mm_config(arch, dtype, rank),
+        t_only=fused_mm_t_config(arch, dtype),
+        dx=fused_mm_config(arch, dtype, rank, dropout_out=dropout),
+        grad_dA=grad_config(arch, dtype, rank, dropout=dropout),
+        grad_dB=grad_config(arch, dtype, rank),
         num_sms=num_sms,
         precision="tf32" if tf32 else "ieee",
-        upcast=x.device.type == "cpu" and x.dtype == torch.bfloat16,
+        upcast=device.type == "cpu" and dtype == torch.bfloat16,
     )
 
 
@@ -166,6 +178,16 @@ def backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, 
 # arguments are tensors and scalars), so backward still runs the forward's configs.
 
 
+def plan_rank(rank) -> int:
+    """The rank as the kernels pad it (``padded_rank``), the only way a plan depends on the rank,
+    as a plain int even when ``rank`` is a symbolic size (``torch.compile(dynamic=True)``): each
+    comparison in the loop becomes a guard there, and the result a constant."""
+    padded = MIN_DOT_DIM
+    while padded < rank:
+        padded *= 2
+    return padded
+
+
 def plan_to_str(plan: Plan) -> str:
     return json.dumps(dataclasses.asdict(plan), sort_keys=True)
 
@@ -174,13 +196,17 @@ _plan_strings: dict[tuple, str] = {}
 
 
 @torch.compiler.assume_constant_result
-def plan_string(x: torch.Tensor, rank: int, dropout_p: float) -> str:
-    """``make_plan`` as the string the ops take, cached by everything the plan depends on (the
-    forward's hot path); under torch.compile, a constant of the graph."""
+def plan_string(device: torch.device, dtype: torch.dtype, rank: int, dropout: bool) -> str:
+    """``plan_for`` as the string the ops take, cached by everything the plan depends on (the
+    forward's hot path); under torch.compile, a constant of the graph.
+
+    Its arguments are plain Python values, never a tensor or a symbolic size: with dynamic
+    shapes (``dynamic=True``, or the automatic recompile after a batch of another size) a
+    tensor argument can't be turned into a constant and the compile fails."""
     tf32 = torch.backends.cuda.matmul.allow_tf32
-    key = (x.device, _device_facts(x.device), x.dtype, rank, dropout_p > 0.0, tf32)
+    key = (device, _device_facts(device), dtype, rank, dropout, tf32)
     if key not in _plan_strings:
-        _plan_strings[key] = plan_to_str(make_plan(x, rank, dropout_p))
+        _plan_strings[key] = plan_to_str(plan_for(device, dtype, rank, dropout))
     return _plan_strings[key]
 
 

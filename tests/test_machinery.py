@@ -266,3 +266,38 @@ def test_compile_fullgraph_triton_path(dtype, adapter_dtype):
         return lora_linear(x, w, b, A, B, 0.5, dropout_p=0.3, seed=99, backend="triton")
 
     assert_compiled_matches_eager(f, x, A, B)
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic"])
+# ids: make floor's compile run (`-k "compile_fullgraph and not triton_path"`) takes the torch one
+@pytest.mark.parametrize("backend", ["torch", "triton"], ids=["torch_path", "triton_path"])
+def test_compile_fullgraph_dynamic_shapes(backend, dynamic):
+    """Batches of several sizes through one compiled function: with automatic dynamic shapes
+    (the recompile after a second size) and dynamic=True (sizes symbolic, the rank included).
+    The Triton path's launch plan must stay a constant of the graph (with dynamic=True it failed
+    to compile: the plan's arguments were a tensor and a symbolic rank)."""
+    from helpers import KERNEL_DEVICE
+
+    from lora_kernels import lora_linear
+
+    dev = "cpu" if backend == "torch" else KERNEL_DEVICE
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(12, 16, generator=gen).to(dev)
+    A = torch.randn(16, 4, generator=gen).to(dev).requires_grad_(True)
+    B = torch.randn(4, 12, generator=gen).to(dev).requires_grad_(True)
+
+    def f(x, A, B):
+        return lora_linear(x, w, None, A, B, 0.5, dropout_p=0.2, seed=5, backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
+    for m in (3, 5, 9):
+        x = torch.randn(m, 16, generator=gen).to(dev).requires_grad_(True)
+        results = []
+        for fn in (f, compiled):
+            y = fn(x, A, B)
+            y.square().sum().backward()
+            results.append((y.detach(), x.grad.clone(), A.grad.clone(), B.grad.clone()))
+            x.grad = A.grad = B.grad = None
+        for name, got, want in zip(("y", "dx", "dA", "dB"), results[1], results[0]):
+            assert_close(f"m={m} {name}", got, want.double(), 1e-6)

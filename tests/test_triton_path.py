@@ -286,6 +286,21 @@ def test_dispatch():
         assert resolve_backend(x.cuda().double(), "auto") == "torch"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("arch", [8, 9])
+def test_plan_depends_on_the_rank_only_through_its_padding(dtype, dropout, arch):
+    """plan_string takes ``plan_rank(rank)`` (a constant even for a symbolic rank under
+    torch.compile): that must be the padded rank and give the very plan of the rank itself."""
+    dev = torch.device(KERNEL_DEVICE)
+    for rank in range(1, 131):
+        assert triton_path.plan_rank(rank) == common.padded_rank(rank)
+        plan = triton_path.plan_for(dev, dtype, rank, dropout, arch, 4)
+        assert plan == triton_path.plan_for(
+            dev, dtype, triton_path.plan_rank(rank), dropout, arch, 4
+        )
+
+
 def test_plan_is_kept_for_backward(monkeypatch):
     """Configs are chosen once in forward; backward uses the forward's, whatever changed since."""
     gen = torch.Generator().manual_seed(16)
