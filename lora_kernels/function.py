@@ -199,6 +199,15 @@ def _autocast(t: object, dtype: torch.dtype) -> object:
     return t
 
 
+def autocast_base(x: object, weight: object, bias: object) -> tuple:
+    """``(x, weight, bias)`` as autocast runs ``nn.Linear``: in autocast's dtype when it is on
+    for ``x``'s device type, else as given. The adapters keep their dtype (see ``validate``)."""
+    cast = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+    if cast is None:
+        return x, weight, bias
+    return tuple(_autocast(t, cast) for t in (x, weight, bias))
+
+
 def draw_seed() -> torch.Tensor:
     """A dropout seed from PyTorch's default generator, so ``torch.manual_seed`` reproduces runs.
 
@@ -239,16 +248,12 @@ class LoRALinearFunction(torch.autograd.Function):
         seed=None,
         backend="auto",
     ):
-        # Under torch.autocast the base layer runs as autocast runs nn.Linear: x, weight and
-        # bias in autocast's dtype. Gradients returned in that dtype are cast back to each
-        # input's own dtype by autograd. The adapters keep their dtype (see validate).
-        # (lora_linear casts first, where autograd records it; this is for direct callers.)
-        cast = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
-        cast_here = False
-        if cast is not None:
-            originals = (x, weight, bias)
-            x, weight, bias = (_autocast(t, cast) for t in originals)
-            cast_here = any(a is not b for a, b in zip((x, weight, bias), originals))
+        # Under torch.autocast: gradients returned in autocast's dtype are cast back to each
+        # input's own dtype by autograd. lora_linear casts first, where autograd records it;
+        # this is for direct callers (and then nothing is left to cast).
+        originals = (x, weight, bias)
+        x, weight, bias = autocast_base(x, weight, bias)
+        cast_here = any(a is not b for a, b in zip((x, weight, bias), originals))
         backend = validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
         scaling, dropout_p = float(scaling), float(dropout_p)
         if dropout_p == 0.0:
@@ -263,10 +268,11 @@ class LoRALinearFunction(torch.autograd.Function):
         plan = None
         if backend == "triton":
             from . import triton_path
+            from .kernels.common import padded_rank
 
             # The launch plan, chosen once here and kept on ctx for backward (as a string: it
             # travels through torch.library ops).
-            rank = triton_path.plan_rank(lora_A.shape[1])
+            rank = padded_rank(lora_A.shape[1])  # a constant even when the size is symbolic
             plan = triton_path.plan_string(x2.device, x2.dtype, rank, dropout_p > 0.0)
             y2, S = triton_path.forward_op(
                 x2, weight, bias, lora_A, lora_B, scaling, dropout_p, _seed_tensor(seed), plan,
@@ -379,9 +385,7 @@ def lora_linear(
     """
     # autocast's casts here, outside the Function, where autograd records them (double backward
     # differentiates through them); the Function's own cast then has nothing left to do.
-    cast = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
-    if cast is not None:
-        x, weight, bias = (_autocast(t, cast) for t in (x, weight, bias))
+    x, weight, bias = autocast_base(x, weight, bias)
     return LoRALinearFunction.apply(
         x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend
     )

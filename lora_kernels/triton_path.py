@@ -17,7 +17,7 @@ from typing import List  # noqa: UP035  (see backward_op)
 
 import torch
 
-from .kernels.common import MIN_DOT_DIM, acc_dtype
+from .kernels.common import acc_dtype
 from .kernels.fused_mm import fused_mm, fused_mm_config, fused_mm_t_config
 from .kernels.lora_grad import grad_config, lora_grad
 
@@ -178,16 +178,6 @@ def backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, 
 # arguments are tensors and scalars), so backward still runs the forward's configs.
 
 
-def plan_rank(rank) -> int:
-    """The rank as the kernels pad it (``padded_rank``), the only way a plan depends on the rank,
-    as a plain int even when ``rank`` is a symbolic size (``torch.compile(dynamic=True)``): each
-    comparison in the loop becomes a guard there, and the result a constant."""
-    padded = MIN_DOT_DIM
-    while padded < rank:
-        padded *= 2
-    return padded
-
-
 def plan_to_str(plan: Plan) -> str:
     return json.dumps(dataclasses.asdict(plan), sort_keys=True)
 
@@ -200,9 +190,9 @@ def plan_string(device: torch.device, dtype: torch.dtype, rank: int, dropout: bo
     """``plan_for`` as the string the ops take, cached by everything the plan depends on (the
     forward's hot path); under torch.compile, a constant of the graph.
 
-    Its arguments are plain Python values, never a tensor or a symbolic size: with dynamic
-    shapes (``dynamic=True``, or the automatic recompile after a batch of another size) a
-    tensor argument can't be turned into a constant and the compile fails."""
+    Its arguments are plain Python values, never a tensor or a symbolic size: under
+    ``torch.compile(dynamic=True)`` those can't be turned into constants and the compile fails.
+    ``rank`` is the padded rank (``padded_rank``), the only way a plan depends on the rank."""
     tf32 = torch.backends.cuda.matmul.allow_tf32
     key = (device, _device_facts(device), dtype, rank, dropout, tf32)
     if key not in _plan_strings:

@@ -11,6 +11,7 @@ import itertools
 
 import pytest
 import torch
+import triton
 from helpers import (
     GRAD_NAMES,
     KERNEL_DEVICE,
@@ -290,15 +291,15 @@ def test_dispatch():
 @pytest.mark.parametrize("dropout", [False, True])
 @pytest.mark.parametrize("arch", [8, 9])
 def test_plan_depends_on_the_rank_only_through_its_padding(dtype, dropout, arch):
-    """plan_string takes ``plan_rank(rank)`` (a constant even for a symbolic rank under
-    torch.compile): that must be the padded rank and give the very plan of the rank itself."""
+    """plan_string takes ``padded_rank(rank)`` (a loop, so a constant even for a symbolic rank
+    under torch.compile): it must be the next power of two >= 16 and give the very plan of the
+    rank itself."""
     dev = torch.device(KERNEL_DEVICE)
     for rank in range(1, 131):
-        assert triton_path.plan_rank(rank) == common.padded_rank(rank)
+        padded = common.padded_rank(rank)
+        assert padded == max(16, triton.next_power_of_2(rank))
         plan = triton_path.plan_for(dev, dtype, rank, dropout, arch, 4)
-        assert plan == triton_path.plan_for(
-            dev, dtype, triton_path.plan_rank(rank), dropout, arch, 4
-        )
+        assert plan == triton_path.plan_for(dev, dtype, padded, dropout, arch, 4)
 
 
 def test_plan_is_kept_for_backward(monkeypatch):

@@ -34,8 +34,15 @@ def tl_dtype(dtype: torch.dtype):
 
 
 def padded_rank(rank: int) -> int:
-    """``R``: the rank as the kernels see it, a power of two >= 16."""
-    return max(MIN_DOT_DIM, triton.next_power_of_2(rank))
+    """``R``: the rank as the kernels see it, a power of two >= 16.
+
+    A plain loop (not ``triton.next_power_of_2``): the launch plan is chosen from it inside
+    ``torch.compile``'s trace, where with ``dynamic=True`` the rank is a symbolic size; each
+    comparison then becomes a guard and ``R`` a constant of the graph."""
+    padded = MIN_DOT_DIM
+    while padded < rank:
+        padded *= 2
+    return padded
 
 
 def alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
