@@ -103,3 +103,28 @@ TRITON_TOL = {
     torch.float16: 5e-3,
     torch.bfloat16: 1e-2,
 }
+
+# The device each backend's tests run on, and its relative error bounds against float64. The
+# torch path rounds dx twice in 16-bit (dy W, then the LoRA term added): 2e-3 is about two fp16
+# half-ulps of the terms, 2e-2 two bf16 ones.
+BACKEND_DEVICE = {"torch": "cpu", "triton": KERNEL_DEVICE}
+BACKEND_TOL = {
+    "torch": {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2},
+    "triton": TRITON_TOL,
+}
+
+
+def dropped(x, p, seed, backend):
+    """``dropout(x)`` as the LoRA branch sees it, read through the layer itself."""
+    from lora_kernels import lora_linear
+
+    k = x.shape[-1]
+    eye = torch.eye(k, dtype=x.dtype, device=x.device)
+    zeros = torch.zeros(k, k, dtype=x.dtype, device=x.device)
+    return lora_linear(x, zeros, None, eye, eye, 1.0, dropout_p=p, seed=seed, backend=backend)
+
+
+def read_mask(m, k, p, seed, backend):
+    """The boolean ``(m, k)`` keep-mask a call with this seed draws on ``backend``."""
+    ones = torch.ones(m, k, device=BACKEND_DEVICE[backend])
+    return dropped(ones, p, seed, backend) != 0

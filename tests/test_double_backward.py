@@ -11,14 +11,13 @@ import itertools
 
 import pytest
 import torch
+from helpers import BACKEND_DEVICE as DEVICE
+from helpers import GRAD_NAMES as NAMES
 from helpers import KERNEL_DEVICE, assert_close
 
 from lora_kernels import LoRALinearFunction, lora_linear
 from lora_kernels.kernels import common
 from lora_kernels.reference import lora_linear_reference
-
-NAMES = ("x", "weight", "bias", "lora_A", "lora_B")
-DEVICE = {"torch": "cpu", "triton": KERNEL_DEVICE}
 
 
 @pytest.fixture(autouse=True)

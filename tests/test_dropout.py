@@ -12,7 +12,9 @@ import threading
 import numpy as np
 import pytest
 import torch
-from helpers import KERNEL_DEVICE, TRITON_TOL, assert_close, make_params, make_x, seed_for
+from helpers import BACKEND_DEVICE as DEVICE
+from helpers import BACKEND_TOL as TOL
+from helpers import KERNEL_DEVICE, assert_close, dropped, make_params, make_x, read_mask, seed_for
 
 from lora_kernels import LoRALayer, LoRALinearFunction, lora_linear, torch_path, triton_path
 from lora_kernels.dropout import CHUNK_WORDS
@@ -20,31 +22,11 @@ from lora_kernels.kernels import common
 from lora_kernels.reference import lora_linear_reference
 
 BACKENDS = ["torch", "triton"]
-DEVICE = {"torch": "cpu", "triton": KERNEL_DEVICE}
-# The torch path rounds dx twice in 16-bit (dy W, then the LoRA term added): 2e-3 is about two
-# fp16 half-ulps of the terms, 2e-2 two bf16 ones.
-TOL = {
-    "torch": {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2},
-    "triton": TRITON_TOL,
-}
 
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
-
-
-def dropped(x, p, seed, backend):
-    """``dropout(x)`` as the LoRA branch sees it, read through the layer itself."""
-    k = x.shape[-1]
-    eye = torch.eye(k, dtype=x.dtype, device=x.device)
-    zeros = torch.zeros(k, k, dtype=x.dtype, device=x.device)
-    return lora_linear(x, zeros, None, eye, eye, 1.0, dropout_p=p, seed=seed, backend=backend)
-
-
-def read_mask(m, k, p, seed, backend):
-    ones = torch.ones(m, k, device=DEVICE[backend])
-    return dropped(ones, p, seed, backend) != 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

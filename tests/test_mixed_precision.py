@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import KERNEL_DEVICE, TRITON_TOL, assert_close, make_params, make_x, seed_for
+from helpers import BACKEND_DEVICE as DEVICE
+from helpers import BACKEND_TOL as TOL
+from helpers import GRAD_NAMES as NAMES
+from helpers import assert_close, make_params, make_x, read_mask, seed_for
 from torch import nn
 
 from lora_kernels import LoRALayer, inject_lora, lora_linear
@@ -16,15 +19,11 @@ from lora_kernels.kernels import common
 from lora_kernels.reference import lora_linear_reference
 
 BACKENDS = ["torch", "triton"]
-DEVICE = {"torch": "cpu", "triton": KERNEL_DEVICE}
 HALF = [torch.float16, torch.bfloat16]
-# The torch path's 16-bit GEMMs round their outputs (dA and dB too) to 16 bits.
-TOL = {"torch": {torch.float16: 2e-3, torch.bfloat16: 2e-2}, "triton": TRITON_TOL}
 # The Triton path reduces dA and dB in float32 and rounds once, to the adapters' float32: below
 # 16-bit rounding, so a 16-bit intermediate fails this bound (measured with dA rounded to x's
 # dtype first: 2.8e-4 for float16, 2.3e-3 for bfloat16).
 FLOAT32_GRAD_TOL = 1e-4
-NAMES = ("x", "weight", "bias", "lora_A", "lora_B")
 
 
 @pytest.fixture(autouse=True)
@@ -46,14 +45,6 @@ def inputs(case, dtype, base_dtype, adapter_dtype, device, lead=(37,), k=33, n=2
     return leaves, dy
 
 
-def dropout_mask(shape, p, seed, backend):
-    """The mask a call drew, read back through the layer (identity adapters, zero weight)."""
-    k = shape[-1]
-    ones, eye = torch.ones(shape, device=DEVICE[backend]), torch.eye(k, device=DEVICE[backend])
-    zeros = torch.zeros(k, k, device=DEVICE[backend])
-    return lora_linear(ones, zeros, None, eye, eye, 1.0, dropout_p=p, seed=seed, backend=backend)
-
-
 def reference(leaves, dy, compute_dtype, scaling, mask=None, p=0.0):
     """The float64 oracle on every leaf rounded to ``compute_dtype``: output and gradients."""
     ref = {
@@ -61,7 +52,7 @@ def reference(leaves, dy, compute_dtype, scaling, mask=None, p=0.0):
         for name, t in leaves.items()
     }
     y = lora_linear_reference(
-        *ref.values(), scaling, dropout_mask=None if mask is None else (mask != 0).double(),
+        *ref.values(), scaling, dropout_mask=None if mask is None else mask.double(),
         dropout_p=p,
     )  # fmt: skip
     y.backward(dy.double())
@@ -92,7 +83,7 @@ def test_float32_adapters_on_a_16bit_layer(backend, dtype, p):
     y = lora_linear(*leaves.values(), scaling, dropout_p=p, seed=seed, backend=backend)
     y.backward(dy)
     assert y.dtype == dtype
-    mask = dropout_mask(leaves["x"].shape, p, seed, backend) if p else None
+    mask = read_mask(*leaves["x"].shape, p, seed, backend) if p else None
     y_ref, grads_ref = reference(leaves, dy, dtype, scaling, mask, p)
     check_grads(backend, dtype, leaves, y, y_ref, grads_ref, torch.float32)
 
@@ -106,7 +97,7 @@ def test_16bit_adapters_on_a_float32_layer(backend):
     y.backward(dy)
     assert y.dtype == torch.float32
     y_ref, grads_ref = reference(leaves, dy, torch.float32, 2.0)
-    tol = {"torch": 1e-5, "triton": TRITON_TOL[torch.float32]}[backend]
+    tol = TOL[backend][torch.float32]
     assert_close("y", y, y_ref, tol)
     for name in NAMES:
         assert leaves[name].grad.dtype == leaves[name].dtype, name
@@ -133,7 +124,7 @@ def test_autocast_computes_in_its_dtype(backend, dtype, p):
         y = lora_linear(*leaves.values(), scaling, dropout_p=p, seed=seed, backend=backend)
     assert y.dtype == dtype
     y.backward(dy.to(dtype))
-    mask = dropout_mask(leaves["x"].shape, p, seed, backend) if p else None
+    mask = read_mask(*leaves["x"].shape, p, seed, backend) if p else None
     y_ref, grads_ref = reference(leaves, dy.to(dtype), dtype, scaling, mask, p)
     check_grads(backend, dtype, leaves, y, y_ref, grads_ref, torch.float32)
 
