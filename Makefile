@@ -59,8 +59,9 @@ compat: $(STAMP)
 # The oldest torch pyproject.toml admits, with the Triton it pins (3.2.0), in a venv of its own
 # (PyPI's CUDA build, about 6 GiB; it runs on CPU). Two runs: the whole suite with Triton 3.9 first
 # on PYTHONPATH (the kernels' interpreter tests need 3.9), less the GPU builds (`make compat`'s
-# job), then the torch.compile tests with the pinned Triton (inductor needs the Triton its torch
-# pins), except the one compiling the kernels in the interpreter. The FSDP2 test is left out:
+# job), then the tests marked `inductor` (torch.compile, torch.export) with the pinned Triton
+# (inductor needs the Triton its torch pins), except those running the kernels in the
+# interpreter. The FSDP2 tests are left out:
 # torch 2.6's FSDP2 can't run on CPU (its CPU stream has no record_event), a gap of that torch,
 # not of ours; it runs in `make test`. CI runs this after `make compat`.
 TORCH_FLOOR ?= torch==2.6.0
@@ -86,9 +87,9 @@ floor: $(FLOOR_STAMP) $(PIN_DIR)
 	$(FLOOR_PY) -c 'import torch; v = torch.__version__.split("+")[0]; \
 	  assert "torch==" + v == "$(TORCH_FLOOR)", v'
 	PYTHONPATH=$(PIN_DIR) $(FLOOR_PY) -m pytest -q -p no:cacheprovider \
-	  -k "not compile_fullgraph and not fsdp2" --ignore=tests/test_inspect.py
-	$(FLOOR_PY) -m pytest -q -p no:cacheprovider tests/test_machinery.py \
-	  -k "compile_fullgraph and not triton_path"
+	  -m "not inductor" -k "not fsdp2" --ignore=tests/test_inspect.py
+	$(FLOOR_PY) -m pytest -q -p no:cacheprovider -m inductor -k "not triton_path and not fsdp2" \
+	  --ignore=tests/test_inspect.py
 
 clean:
 	rm -rf $(VENV) $(FLOOR_VENV) $(COMPAT_DIR) .pytest_cache .ruff_cache .hypothesis

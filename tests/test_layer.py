@@ -135,6 +135,47 @@ def test_linear_attributes_read_through():
     assert len(list(layer.parameters())) == 4
 
 
+def test_weight_and_bias_assignment_gets_a_clear_error():
+    layer = LoRALayer(12, 6, rank=2)
+    weight = layer.linear.weight
+    for name, value in [
+        ("weight", nn.Parameter(torch.zeros(6, 12))),  # nn.Module answered with a KeyError
+        ("weight", torch.zeros(6, 12)),
+        ("bias", None),
+    ]:
+        with pytest.raises(AttributeError, match=f"LoRALayer.{name} is read-only.*layer.linear"):
+            setattr(layer, name, value)
+    assert layer.linear.weight is weight
+    layer.linear.weight = nn.Parameter(torch.zeros(6, 12))  # the way the message names
+    assert layer.weight is layer.linear.weight
+
+
+def test_torchscript_refused_trace_works():
+    torch.manual_seed(3)
+    layer = LoRALayer(12, 6, rank=2, init="seed")
+    for module in (layer, nn.Sequential(nn.Linear(12, 12), layer)):  # submodules too
+        with pytest.raises(RuntimeError, match="TorchScript.*torch.compile or torch.export"):
+            torch.jit.script(module)
+    x = torch.randn(5, 12)
+    with pytest.warns(torch.jit.TracerWarning):  # validation reads shapes: traced as constants
+        traced = torch.jit.trace(layer, x)
+    assert torch.equal(traced(x), layer(x))
+
+
+@pytest.mark.inductor  # torch.export imports inductor
+def test_export_matches_eager():
+    torch.manual_seed(3)
+    layer = LoRALayer(12, 6, rank=2, init="seed")
+    x = torch.randn(5, 12)
+    exported = torch.export.export(layer, (x,))
+    assert torch.equal(exported.module()(x), layer(x))
+
+
+def test_scalar_input_names_in_features():
+    with pytest.raises(ValueError, match="in_features=64.*scalar"):
+        LoRALayer(64, 10)(torch.tensor(1.0))
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_merge_unmerge_round_trip(dtype, tol):
     torch.manual_seed(5)

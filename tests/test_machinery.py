@@ -32,6 +32,7 @@ def trainable_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.inductor
 def test_compile_fullgraph_matches_eager():
     model = small_model()
     x = torch.randn(2, 5, 16, requires_grad=True)
@@ -52,6 +53,7 @@ def test_compile_fullgraph_matches_eager():
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
+@pytest.mark.inductor
 def test_compile_fullgraph_under_autocast_matches_eager():
     """bfloat16 autocast around a compiled float32 model: eager's dtypes and numbers."""
     torch.manual_seed(0)
@@ -212,6 +214,7 @@ def assert_compiled_matches_eager(f, x, A, B):
         assert_close(name, compiled, eager.double(), 1e-6)
 
 
+@pytest.mark.inductor
 def test_compile_fullgraph_with_dropout_and_explicit_seed_matches_eager():
     """An explicit seed fixes the mask: compiled and eager runs agree, output and gradients."""
     from lora_kernels import lora_linear
@@ -228,6 +231,7 @@ def test_compile_fullgraph_with_dropout_and_explicit_seed_matches_eager():
     assert_compiled_matches_eager(f, x, A, B)
 
 
+@pytest.mark.inductor
 def test_compile_fullgraph_layer_dropout():
     """LoRALayer's dropout (seed drawn per call) runs inside one graph; manual_seed reproduces
     the compiled run; eval mode equals eager."""
@@ -243,6 +247,7 @@ def test_compile_fullgraph_layer_dropout():
     assert_close("eval", compiled(x), model(x).double(), 1e-6)
 
 
+@pytest.mark.inductor
 @pytest.mark.parametrize(
     "dtype, adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)]
 )
@@ -268,8 +273,9 @@ def test_compile_fullgraph_triton_path(dtype, adapter_dtype):
     assert_compiled_matches_eager(f, x, A, B)
 
 
+@pytest.mark.inductor
 @pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic"])
-# ids: make floor's compile run (`-k "compile_fullgraph and not triton_path"`) takes the torch one
+# ids: make floor's inductor run (`-m inductor -k "not triton_path"`) takes the torch one
 @pytest.mark.parametrize("backend", ["torch", "triton"], ids=["torch_path", "triton_path"])
 def test_compile_fullgraph_dynamic_shapes(backend, dynamic):
     """Batches of several sizes through one compiled function: with automatic dynamic shapes

@@ -24,7 +24,7 @@ def _args(**over):
 FUNCTION_CASES = [
     # (overrides, exception, words that must appear in the message)
     ({"x": torch.randn(3, 7)}, ValueError, ["last dimension 7", "in_features=8"]),
-    ({"x": torch.tensor(1.0)}, ValueError, ["at least one dimension"]),
+    ({"x": torch.tensor(1.0)}, ValueError, ["in_features=8", "scalar"]),
     ({"x": [[1.0] * 8]}, TypeError, ["x must be a torch.Tensor", "list"]),
     ({"weight": torch.randn(5, 8, 1)}, ValueError, ["weight must be 2-D", "(5, 8, 1)"]),
     ({"lora_A": torch.randn(9, 2)}, ValueError, ["lora_A", "(9, 2)", "in_features=8"]),
