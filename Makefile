@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 TRITON_PIN ?= triton==3.9.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench compat floor clean
+.PHONY: demo test test-slow lint bench gpu-check compat floor clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,18 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(PY) -m pytest -q
 
+# The exhaustive runs left out of `make test` (tests marked slow: every tuning candidate on every
+# dtype, rank group, dropout and table arch, in the interpreter: 1048 cases, 7 minutes here).
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+# Everything a lent GPU should measure, in one command (lora_kernels/gpu_check.py). It runs with
+# the machine's own Python and packages (no venv, no network there), from this checkout.
+OUT ?= benchmarks/results/gpu
+gpu-check:
+	PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PYTHON) -m lora_kernels.gpu_check --out $(OUT) \
+	  --budget-s $(or $(BUDGET_S),480)
+
 # The CPU benchmark (a few minutes; writes benchmarks/results/) and the GPU roofline predictions.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_fused.py
@@ -33,7 +45,8 @@ bench: $(STAMP)
 
 # Every Triton minor release below the pin that pyproject.toml admits (the floor is the Triton
 # torch 2.6 pins): each must build every kernel with tensor cores and within the GPU's shared
-# memory (tests/test_inspect.py; zero spills is asserted for the pin only; Triton 3.2 has no
+# memory (tests/test_inspect.py; zero spills and the tuner's candidate builds are checked for the
+# pin only: an older Triton's tuner skips a candidate that fails to build; Triton 3.2 has no
 # Blackwell target, so its run leaves sm_100 / sm_120 out). Each Triton goes into its own folder,
 # put first on PYTHONPATH; the venv is left as it is. CI runs this after `make test`.
 TRITON_COMPAT ?= 3.2.0 3.3.1 3.4.0 3.5.1 3.6.0 3.7.1 3.8.0
@@ -49,7 +62,7 @@ compat: $(STAMP)
 	  fi; \
 	  got=$$(PYTHONPATH=$$dir $(PY) -c 'import triton; print(triton.__version__)'); \
 	  [ "$$got" = "$$v" ] || { echo "compat: expected Triton $$v, imported $$got" >&2; exit 1; }; \
-	  skip="test_no_spills"; \
+	  skip="test_no_spills or candidates"; \
 	  case $$v in 3.2.*) skip="$$skip or blackwell";; esac; \
 	  echo "== Triton $$v: tests/test_inspect.py, without: $$skip"; \
 	  PYTHONPATH=$$dir $(PY) -m pytest -q -p no:cacheprovider tests/test_inspect.py \

@@ -15,6 +15,9 @@ import torch
 from . import torch_path
 
 BACKENDS = ("auto", "triton", "torch")
+# The device types "auto" runs the kernels on. Tests add "cpu" under TRITON_INTERPRET=1, where the
+# interpreter stands in for a GPU (tuned dispatch, tune_model).
+AUTO_TRITON_DEVICE_TYPES = ("cuda",)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # "auto" takes the kernels for these; float64 runs on them only when asked (backend="triton").
 AUTO_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -59,7 +62,9 @@ def resolve_backend(x: torch.Tensor, backend: str = "auto") -> str:
         return "torch"
     if backend == "auto":
         use_triton = (
-            x.device.type == "cuda" and x.dtype in AUTO_TRITON_DTYPES and triton_available()
+            x.device.type in AUTO_TRITON_DEVICE_TYPES
+            and x.dtype in AUTO_TRITON_DTYPES
+            and triton_available()
         )
         return "triton" if use_triton else "torch"
     if x.device.type != "cuda" and not triton_interpreter_enabled():
@@ -256,9 +261,14 @@ class LoRALinearFunction(torch.autograd.Function):
         originals = (x, weight, bias)
         x, weight, bias = autocast_base(x, weight, bias)
         cast_here = any(a is not b for a, b in zip((x, weight, bias), originals))
+        requested = backend
         backend = validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
         scaling, dropout_p = float(scaling), float(dropout_p)
-        if dropout_p == 0.0:
+        # NOTE: a Python bool even where torch.compile(dynamic=True) makes the layer's float
+        # dropout symbolic (the comparison becomes a guard): the plan's arguments must be
+        # constants.
+        dropout = True if dropout_p > 0.0 else False  # noqa: SIM210
+        if not dropout:
             seed = 0
         elif seed is None:
             seed = draw_seed()
@@ -269,13 +279,22 @@ class LoRALinearFunction(torch.autograd.Function):
         _, need_w, _, need_a, need_lb = ctx.needs_input_grad[:5]
         plan = None
         if backend == "triton":
-            from . import triton_path
+            from . import triton_path, tune
             from .kernels.common import padded_rank
 
             # The launch plan, chosen once here and kept on ctx for backward (as a string: it
-            # travels through torch.library ops).
+            # travels through torch.library ops): the key's tuned decision where the tuning
+            # cache has one (which, for "auto", may be the torch path), else the tables.
             rank = padded_rank(lora_A.shape[1])  # a constant even when the size is symbolic
-            plan = triton_path.plan_string(x2.device, x2.dtype, rank, dropout_p > 0.0)
+            m = x2.shape[0]
+            plan = tune.choose(
+                x2.device, x2.dtype, m, k_in, n_out, rank, dropout, requested == "auto"
+            )
+            if plan == tune.TORCH:
+                backend, plan = "torch", None
+            elif plan is None:
+                plan = triton_path.plan_string(x2.device, x2.dtype, rank, dropout)
+        if backend == "triton":
             y2, S = triton_path.forward_op(
                 x2, weight, bias, lora_A, lora_B, scaling, dropout_p, _seed_tensor(seed), plan,
                 need_lb,

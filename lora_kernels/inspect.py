@@ -1,7 +1,7 @@
 """Compile every kernel the package launches for a GPU, without one, and report its machine code.
 
     python -m lora_kernels.inspect [--arch sm_80|sm_89|sm_90|sm_100|sm_120] [--dtype D] [--rank R]
-                                   [--dropout P] [--json] [--dump DIR] [--jobs N]
+                                   [--dropout P] [--candidates] [--json] [--dump DIR] [--jobs N]
 
 For each arch, dtype and rank, the real forward and backward of the Triton path run under
 ``capture_launches`` on ``meta`` tensors of an LLM projection (M=8192, K=N=4096): the launches they
@@ -65,18 +65,41 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def captured_launches(arch: str, dtype: torch.dtype, rank: int, dropout_p: float = 0.0) -> list:
-    """The launches one forward + backward (x, lora_A, lora_B requiring grad) would make."""
+# The launch each Plan field configures (tune's candidates change one field at a time).
+LAUNCH_OF_FIELD = {
+    "fwd": "lora_fwd",
+    "t_only": "lora_fwd_t",
+    "dx": "lora_bwd_dx",
+    "grad_dA": "lora_bwd_dA",
+    "grad_dB": "lora_bwd_dB",
+}
+
+
+def table_plan(arch: str, dtype: torch.dtype, rank: int, dropout_p: float = 0.0):
+    """The plan the config tables give ``arch`` (its SM count and shared memory)."""
+    from . import triton_path
+
+    target = ARCHS[arch]
+    table = triton_path.config_arch(target.capability // 10, target.max_shared_bytes)
+    return triton_path.plan_for(
+        torch.device("meta"), dtype, rank, dropout_p > 0.0, arch=table, num_sms=target.sms
+    )
+
+
+def captured_launches(
+    arch: str, dtype: torch.dtype, rank: int, dropout_p: float = 0.0, plan=None
+) -> list:
+    """The launches one forward + backward (x, lora_A, lora_B requiring grad) would make, with
+    ``plan`` (default: the tables')."""
     from . import triton_path
     from .kernels.common import capture_launches
 
-    target = ARCHS[arch]
     meta = {"device": "meta", "dtype": dtype}
     x, dy = torch.empty(M, K, **meta), torch.empty(M, N, **meta)
     weight, bias = torch.empty(N, K, **meta), torch.empty(N, **meta)
     lora_A, lora_B = torch.empty(K, rank, **meta), torch.empty(rank, N, **meta)
-    table = triton_path.config_arch(target.capability // 10, target.max_shared_bytes)
-    plan = triton_path.make_plan(x, rank, dropout_p, arch=table, num_sms=target.sms)
+    if plan is None:
+        plan = table_plan(arch, dtype, rank, dropout_p)
     with capture_launches() as launches:
         _, T = triton_path.forward(
             x, weight, bias, lora_A, lora_B, SCALING, dropout_p, 0, plan=plan
@@ -161,58 +184,87 @@ def analyse_cubin(cubin: bytes) -> dict:
 
 
 def inspect_group(
-    arch: str, dtype_name: str, rank: int, dropout_p: float, dump: str | None = None
+    arch: str,
+    dtype_name: str,
+    rank: int,
+    dropout_p: float,
+    dump: str | None = None,
+    candidates: bool = False,
 ) -> list[dict]:
-    """One row per kernel launched by a forward + backward at ``(arch, dtype, rank, dropout)``."""
-    capability = ARCHS[arch].capability
+    """One row per kernel launched by a forward + backward at ``(arch, dtype, rank, dropout)``;
+    with ``candidates``, also one for each of the tuner's alternatives (``tune.candidates``),
+    which change one launch's config each: that launch is built again."""
+    from . import tune
+
+    dtype = DTYPES[dtype_name]
+    plans = [("tables", None)]
+    if candidates:
+        plans = tune.candidates(table_plan(arch, dtype, rank, dropout_p), dropout_p > 0.0)
     rows = []
-    for launch in captured_launches(arch, DTYPES[dtype_name], rank, dropout_p):
-        compiled = compile_launch(launch, capability)
-        tag = f"_p{dropout_p:g}" if dropout_p else ""
-        cubin_name = f"{launch.name}_{arch}_{dtype_name}_r{rank}{tag}.cubin"
-        if dump is not None:
-            os.makedirs(dump, exist_ok=True)
-            with open(os.path.join(dump, cubin_name), "wb") as f:
-                f.write(compiled.asm["cubin"])
-        config = {
-            k: v
-            for k, v in launch.kwargs.items()
-            if k.startswith("BLOCK") or k in ("R", "num_warps", "num_stages")
-        }
-        rows.append(
-            {
-                "kernel": launch.name,
-                "arch": arch,
-                "dtype": dtype_name,
-                "rank": rank,
-                "dropout": dropout_p,
-                **analyse_cubin(compiled.asm["cubin"]),
-                "shared_bytes": compiled.metadata.shared,
-                "shared_limit": ARCHS[arch].max_shared_bytes,
-                "grid": list(launch.grid),
-                "config": config,
-                "cubin": cubin_name,
-            }
-        )
+    for name, plan in plans:
+        only = None if name == "tables" else LAUNCH_OF_FIELD[name.split()[0]]
+        for launch in captured_launches(arch, dtype, rank, dropout_p, plan):
+            if only is None or launch.name == only:
+                rows.append(_inspect_launch(launch, arch, dtype_name, rank, dropout_p, name, dump))
     return rows
 
 
+def _inspect_launch(launch, arch, dtype_name, rank, dropout_p, candidate, dump) -> dict:
+    """Compile one captured launch for ``arch`` and describe its build."""
+    compiled = compile_launch(launch, ARCHS[arch].capability)
+    tag = f"_p{dropout_p:g}" if dropout_p else ""
+    alt = "" if candidate == "tables" else "_" + re.sub(r"[^A-Za-z0-9]+", "-", candidate)
+    cubin_name = f"{launch.name}_{arch}_{dtype_name}_r{rank}{tag}{alt}.cubin"
+    if dump is not None:
+        os.makedirs(dump, exist_ok=True)
+        with open(os.path.join(dump, cubin_name), "wb") as f:
+            f.write(compiled.asm["cubin"])
+    config = {
+        k: v
+        for k, v in launch.kwargs.items()
+        if k.startswith("BLOCK") or k in ("R", "num_warps", "num_stages")
+    }
+    return {
+        "kernel": launch.name,
+        "candidate": candidate,
+        "arch": arch,
+        "dtype": dtype_name,
+        "rank": rank,
+        "dropout": dropout_p,
+        **analyse_cubin(compiled.asm["cubin"]),
+        "shared_bytes": compiled.metadata.shared,
+        "shared_limit": ARCHS[arch].max_shared_bytes,
+        "grid": list(launch.grid),
+        "config": config,
+        "cubin": cubin_name,
+    }
+
+
 def inspect_builds(
-    archs, dtypes, ranks, dropouts=(0.0,), dump: str | None = None, jobs: int = 1
+    archs,
+    dtypes,
+    ranks,
+    dropouts=(0.0,),
+    dump: str | None = None,
+    jobs: int = 1,
+    candidates: bool = False,
 ) -> list[dict]:
-    """Rows for every (arch, dtype, rank, dropout) group, compiled ``jobs`` groups at a time."""
+    """Rows for every (arch, dtype, rank, dropout) group, compiled ``jobs`` groups at a time
+    (with ``candidates``: the tuner's whole candidate space too)."""
     groups = [(a, d, r, p) for a in archs for d in dtypes for r in ranks for p in dropouts]
+    extra = ([dump] * len(groups), [candidates] * len(groups))
     if jobs <= 1:
-        results = [inspect_group(*g, dump) for g in groups]
+        results = [inspect_group(*g, dump, candidates) for g in groups]
     else:
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-            results = list(pool.map(inspect_group, *zip(*groups), [dump] * len(groups)))
+            results = list(pool.map(inspect_group, *zip(*groups), *extra))
     return [row for rows in results for row in rows]
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["kernel", "arch", "dtype", "rank", "dropout", "registers", "spills", "shared_bytes"]
+    cols = ["kernel", "candidate", "arch", "dtype", "rank", "dropout", "registers", "spills"]
+    cols += ["shared_bytes"]
     cols += ["mma_ops"]
     cols += ["async_copies", "grid", "config"]
     show = {"config": _short, "mma_ops": lambda ops: ",".join(f"{k}:{v}" for k, v in ops.items())}
@@ -240,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="LoRA dropout of the captured forward/backward (default: 0 and 0.1)",
     )
+    parser.add_argument(
+        "--candidates",
+        action="store_true",
+        help="also build every alternative config the tuner measures (lora_kernels.tune)",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
     parser.add_argument("--dump", metavar="DIR", help="write every cubin into DIR")
     parser.add_argument(
@@ -255,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dropout or DROPOUTS,
         args.dump,
         args.jobs,
+        args.candidates,
     )
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     return 0

@@ -41,3 +41,13 @@ def lora_linear_reference(
     if dropout_mask is not None:
         x_lora = x * dropout_mask / (1.0 - dropout_p)
     return F.linear(x, weight, bias) + scaling * (x_lora @ lora_A @ lora_B)
+
+
+def relative_errors(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``|out - ref| / (|ref| + mean|ref|)`` elementwise, in float64 (NaN becomes inf): the
+    measure every comparison with the reference uses. The ``mean|ref|`` floor keeps elements that
+    cancel to ~0 from turning a tiny absolute error into a huge relative one; elsewhere this is
+    the plain relative error."""
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    scale = ref64.abs().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    return ((out64 - ref64).abs() / (ref64.abs() + scale)).nan_to_num(nan=float("inf"))

@@ -6,7 +6,8 @@ import zlib
 
 import torch
 
-from lora_kernels.reference import lora_linear_reference
+from lora_kernels.dropout import drawn_mask, dropped  # noqa: F401  (dropped: for the tests)
+from lora_kernels.reference import lora_linear_reference, relative_errors
 
 # (dtype, relative error bound against float64) for the plain-PyTorch path.
 TORCH_PATH_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -19,18 +20,15 @@ def seed_for(*case) -> int:
 
 
 def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
-    """Fail unless ``|out - ref| / (|ref| + mean|ref|) <= rtol`` everywhere.
-
-    ``ref`` is float64. The ``mean|ref|`` floor keeps elements that cancel to ~0 from turning a
-    tiny absolute error into a huge relative one; elsewhere this is the plain relative error.
-    On failure the message names the worst element, its value and the reference's.
+    """Fail unless ``relative_errors(out, ref) <= rtol`` everywhere (``|out - ref| / (|ref| +
+    mean|ref|)``, see ``lora_kernels.reference``); ``ref`` is float64. On failure the message
+    names the worst element, its value and the reference's.
     """
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     if ref.numel() == 0:
         return
     out64, ref64 = out.detach().double(), ref.detach().double()
-    scale = ref64.abs().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    err = ((out64 - ref64).abs() / (ref64.abs() + scale)).nan_to_num(nan=float("inf"))
+    err = relative_errors(out64, ref64)
     worst = int(err.argmax())
     idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), err.shape))
     assert err.max() <= rtol, (
@@ -114,17 +112,6 @@ BACKEND_TOL = {
 }
 
 
-def dropped(x, p, seed, backend):
-    """``dropout(x)`` as the LoRA branch sees it, read through the layer itself."""
-    from lora_kernels import lora_linear
-
-    k = x.shape[-1]
-    eye = torch.eye(k, dtype=x.dtype, device=x.device)
-    zeros = torch.zeros(k, k, dtype=x.dtype, device=x.device)
-    return lora_linear(x, zeros, None, eye, eye, 1.0, dropout_p=p, seed=seed, backend=backend)
-
-
 def read_mask(m, k, p, seed, backend):
     """The boolean ``(m, k)`` keep-mask a call with this seed draws on ``backend``."""
-    ones = torch.ones(m, k, device=BACKEND_DEVICE[backend])
-    return dropped(ones, p, seed, backend) != 0
+    return drawn_mask(m, k, p, seed, backend, BACKEND_DEVICE[backend])

@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lora_kernels import triton_path
-from lora_kernels.inspect import ARCHS
+from lora_kernels.inspect import ARCHS, table_plan
 
 # Builds per group: bfloat16 (the dtype most users train in) at dropout 0 and 0.1. Blackwell is a
 # group of its own: Triton 3.2 (torch 2.6's) has no Blackwell target, so `make compat` leaves it
@@ -93,3 +94,32 @@ def test_tensor_cores(built):
 def test_config_tables_by_shared_memory(gpu, major, max_shared_kib, expected):
     """Hopper's tables (up to 150 KiB of shared memory a build) only where they fit."""
     assert triton_path.config_arch(major, max_shared_kib * 1024) == expected, gpu
+
+
+@pytest.fixture(scope="module")
+def candidate_builds():
+    """Every config the tuner may measure (``tune.candidates``), built for sm_80 and sm_90."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "lora_kernels.inspect", "--json", "--candidates"]
+    cmd += ["--arch", "sm_80", "--arch", "sm_90", "--dtype", "bfloat16", "--rank", "16"]
+    cmd += ["--dropout", "0", "--dropout", "0.1"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_candidates_build_without_spills_on_tensor_cores(candidate_builds):
+    from lora_kernels import tune
+
+    rows = candidate_builds
+    for arch in ("sm_80", "sm_90"):
+        for p in (0.0, 0.1):
+            names = {r["candidate"] for r in rows if r["arch"] == arch and r["dropout"] == p}
+            plan = table_plan(arch, torch.bfloat16, 16, p)
+            assert names == {n for n, _ in tune.candidates(plan, p > 0)}
+    bad = [
+        (r["kernel"], r["candidate"], r["arch"], r["dropout"], r["spills"], r["mma"])
+        for r in rows
+        if r["spills"] or not r["mma"] or r["shared_bytes"] > r["shared_limit"]
+    ]
+    assert not bad

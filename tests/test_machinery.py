@@ -307,3 +307,24 @@ def test_compile_fullgraph_dynamic_shapes(backend, dynamic):
             x.grad = A.grad = B.grad = None
         for name, got, want in zip(("y", "dx", "dA", "dB"), results[1], results[0]):
             assert_close(f"m={m} {name}", got, want.double(), 1e-6)
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_compile_fullgraph_layer_training_dynamic_triton_path(monkeypatch, dropout):
+    """A LoRALayer in training mode, compiled with dynamic=True, on the Triton path (what every
+    GPU user gets). The layer's float dropout turns symbolic there; the plan's arguments must
+    stay constants (it failed to compile: "assume_constant_result argument conversion")."""
+    from lora_kernels import function
+
+    monkeypatch.setattr(function, "AUTO_TRITON_DEVICE_TYPES", ("cuda", "cpu"))  # the interpreter
+    torch.manual_seed(0)
+    layer = LoRALayer(16, 12, rank=4, init="seed", dropout=dropout).train()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    for m in (6, 3):
+        x = torch.randn(m, 16, requires_grad=True)
+        y = compiled(x)
+        y.square().sum().backward()
+        assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+        if dropout == 0.0:
+            assert_close(f"M={m}", y, layer(x).double(), 1e-5)

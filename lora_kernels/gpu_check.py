@@ -1,0 +1,482 @@
+"""Everything a lent GPU should measure, in one command.
+
+    python -m lora_kernels.gpu_check --out DIR [--budget-s 480] [--dry-run]
+    make gpu-check OUT=DIR
+
+Stages, in order; each writes ``DIR/<stage>.json`` as it finishes, and ``DIR/summary.json``
+(device, versions, every stage's status and seconds) is rewritten after each one, so a run cut
+short keeps what it measured. A stage whose estimated cost would take the run past
+``--budget-s`` is skipped with a note.
+
+1. ``correctness``: every launch the layer makes, against the float64 reference, output and
+   every gradient, over bfloat16, float16 and float32 with TF32 off and on, dropout 0 and 0.1,
+   ranks 8, 16 and 64, and six shapes (odd ones included); two backward runs must be bitwise
+   identical.
+2. ``target``: M=8192, K=N=4096, r=16, bfloat16, forward + backward: the fused kernels on the
+   tables, the tuned layer, the torch path, peft and the frozen ``nn.Linear``; times, ratios,
+   peak memory, and the targets beside them.
+3. ``tuner``: ``lora_kernels.tune`` on the LLM shapes of ``benchmarks/bench_fused.py`` (M 2048
+   and 8192, (K, N) in (4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), r 16): each
+   decision and each candidate's time.
+4. ``model``: the end-to-end benchmark (``benchmarks/bench_model.py --preset 1b``), where it
+   exists.
+
+Tuning decisions of the run go to ``DIR/tune.json``, never the user's cache. Without a CUDA
+device the command exits 2 (``--dry-run`` prints the stages and their estimated cost, and exits
+0 anywhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from . import tune
+from .dropout import drawn_mask
+from .function import lora_linear
+from .reference import lora_linear_reference, relative_errors
+
+# --- stage 1: correctness ----------------------------------------------------------------------
+
+# (name, dtype, TF32) and the relative error bound against float64 (tests/helpers.py's
+# TRITON_TOL; TF32 rounds the dot operands to 10 mantissa bits: ~1e-3 of each product).
+PRECISIONS = [
+    ("bfloat16", torch.bfloat16, False, 1e-2),
+    ("float16", torch.float16, False, 5e-3),
+    ("float32", torch.float32, False, 1e-4),
+    ("float32-tf32", torch.float32, True, 5e-3),
+]
+CHECK_RANKS = (8, 16, 64)
+CHECK_DROPOUTS = (0.0, 0.1)
+# (leading dims, K, N): an LLM projection, and odd ones (one token, sizes off every tile edge,
+# 3-D input, a narrow output)
+CHECK_SHAPES = [
+    ((4096,), 4096, 4096),
+    ((1,), 64, 64),
+    ((17,), 96, 80),
+    ((3, 127), 200, 300),
+    ((1000,), 1024, 4096),
+    ((2, 257), 4096, 1024),
+]
+GRADS = ("x", "weight", "bias", "lora_A", "lora_B")
+# Worker processes for the correctness cases: compiling is the cost, and it is CPU work.
+CHECK_JOBS = min(8, os.cpu_count() or 1)
+
+
+def _worst(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(relative_errors(out, ref).max()) if ref.numel() else 0.0
+
+
+def check_case(device, dtype, tf32: bool, rank: int, p: float, lead, k: int, n: int) -> dict:
+    """One layer call on the Triton path against the float64 reference, and its determinism."""
+    gen = torch.Generator().manual_seed(
+        zlib.crc32(repr((dtype, tf32, rank, p, lead, k, n)).encode())
+    )
+
+    def rand(*shape, std=1.0):
+        # rounded to dtype here: the reference computes on exactly the kernels' inputs
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(device, dtype)
+
+    inputs = {
+        "x": rand(*lead, k),
+        "weight": rand(n, k, std=k**-0.5),
+        "bias": rand(n),
+        "lora_A": rand(k, rank, std=k**-0.5),
+        "lora_B": rand(rank, n, std=rank**-0.5),
+    }
+    dy = rand(*lead, n)
+    seed, scaling = 1234, 0.5
+    tf32_before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        runs = []
+        for _ in range(2):
+            leaves = {a: t.clone().requires_grad_(True) for a, t in inputs.items()}
+            y = lora_linear(*leaves.values(), scaling, dropout_p=p, seed=seed, backend="triton")
+            y.backward(dy)
+            runs.append((y.detach(), {a: t.grad for a, t in leaves.items()}))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32_before
+    mask = None
+    m = math.prod(lead)
+    if p > 0:
+        mask = drawn_mask(m, k, p, seed, "triton", device).reshape(*lead, k).double()
+    ref = {a: t.double().requires_grad_(True) for a, t in inputs.items()}
+    y_ref = lora_linear_reference(*ref.values(), scaling, dropout_mask=mask, dropout_p=p)
+    y_ref.backward(dy.double())
+    (y, grads), (y2, grads2) = runs
+    errors = {"y": _worst(y, y_ref)}
+    errors.update({f"d{a}": _worst(grads[a], ref[a].grad) for a in GRADS})
+    deterministic = torch.equal(y, y2) and all(torch.equal(grads[a], grads2[a]) for a in GRADS)
+    return {"errors": errors, "deterministic": deterministic}
+
+
+def _checked(device, name, dtype, tf32, tol, rank, p, lead, k, n) -> dict:
+    """``check_case`` as one JSON row; a failure to run is recorded, not raised."""
+    case = {"dtype": name, "dropout": p, "rank": rank, "shape": [*lead, k, n]}
+    try:
+        result = check_case(device, dtype, tf32, rank, p, lead, k, n)
+    except Exception as e:  # noqa: BLE001  (recorded: the other cases still run)
+        case.update(error=f"{type(e).__name__}: {e}"[:500], passed=False)
+    else:
+        worst = max(result["errors"].values())
+        case.update(result, tolerance=tol, worst=worst)
+        case["passed"] = worst <= tol and result["deterministic"]
+    return case
+
+
+def stage_correctness(
+    device,
+    shapes=CHECK_SHAPES,
+    ranks=CHECK_RANKS,
+    dropouts=CHECK_DROPOUTS,
+    precisions=PRECISIONS,
+    jobs: int = 1,
+    time_cap_s: float | None = None,
+) -> dict:
+    """Every case of the product; ``jobs`` worker processes share them (compiling the kernels
+    of about 400 specializations is most of the cost, and it runs on the CPU). Cases not started
+    within ``time_cap_s`` are recorded as not run."""
+    todo = [
+        (name, dtype, tf32, tol, rank, p, lead, k, n)
+        for name, dtype, tf32, tol in precisions
+        for p in dropouts
+        for rank in ranks
+        for lead, k, n in shapes
+    ]
+    deadline = None if time_cap_s is None else time.perf_counter() + time_cap_s
+    results: list[dict | None] = [None] * len(todo)
+    if jobs <= 1:
+        for i, args in enumerate(todo):
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            results[i] = _checked(device, *args)
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # CUDA can't be used in a forked child
+        pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx)
+        futures = [pool.submit(_checked, device, *args) for args in todo]
+        timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
+        concurrent.futures.wait(futures, timeout=timeout)
+        pool.shutdown(wait=True, cancel_futures=True)  # the cases already running finish
+        for i, future in enumerate(futures):
+            if future.done() and not future.cancelled():
+                results[i] = future.result()
+    cases = [r for r in results if r is not None]
+    not_run = [
+        {"dtype": a[0], "dropout": a[5], "rank": a[4], "shape": [*a[6], a[7], a[8]]}
+        for a, r in zip(todo, results)
+        if r is None
+    ]
+    failed = [c for c in cases if not c["passed"]]
+    return {
+        "cases": cases,
+        "passed": len(cases) - len(failed),
+        "failed": len(failed),
+        "not_run": not_run,
+    }
+
+
+# --- stage 2: the target shape ------------------------------------------------------------------
+
+TARGET_SHAPE = (8192, 4096, 4096, 16)
+TARGETS = {"tuned_vs_linear": 1.07, "peft_vs_tuned": 1.4, "tuned_vs_torch": 1.02}
+
+
+class _Functional(nn.Module):
+    """``lora_linear`` on a ``LoRALayer``'s tensors with a fixed ``backend``."""
+
+    def __init__(self, layer, backend: str):
+        super().__init__()
+        self.layer, self.backend = layer, backend
+
+    def forward(self, x):
+        layer = self.layer
+        return lora_linear(
+            x,
+            layer.linear.weight,
+            layer.linear.bias,
+            layer.lora_A,
+            layer.lora_B,
+            layer.scaling,
+            backend=self.backend,
+        )
+
+
+def _peft_layer(base: nn.Linear, layer, rank: int):
+    """peft's LoRA ``Linear`` over a copy of ``base`` with ``layer``'s adapters, or ``None``."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return None
+    import copy
+
+    model = nn.Sequential()
+    model.add_module("proj", copy.deepcopy(base))
+    alpha = layer.scaling * rank
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["proj"])
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
+    proj = peft_model.base_model.model.proj
+    with torch.no_grad():
+        proj.lora_A["default"].weight.copy_(layer.lora_A.t())
+        proj.lora_B["default"].weight.copy_(layer.lora_B.t())
+    return peft_model
+
+
+def _fwd_bwd_ms(module, x, dy) -> float:
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def step():
+        module(x).backward(dy)
+        x.grad = None
+        for p in params:
+            p.grad = None
+
+    return tune._time_ms(step, x.device)
+
+
+def _peak_bytes(module, x, dy) -> int | None:
+    if x.device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    module(x).backward(dy)
+    torch.cuda.synchronize()
+    x.grad = None
+    return torch.cuda.max_memory_allocated() - before
+
+
+def stage_target(device, shape=TARGET_SHAPE, dtype=torch.bfloat16) -> dict:
+    from . import LoRALayer
+
+    m, k, n, r = shape
+    torch.manual_seed(0)
+    base = nn.Linear(k, n, device=device, dtype=dtype).requires_grad_(False)
+    layer = LoRALayer.from_linear(base, rank=r, alpha=2 * r)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=r**-0.5)  # a trained-looking adapter
+    x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(m, n, device=device, dtype=dtype)
+    providers = {
+        "fused_tables": _Functional(layer, "triton"),  # before this key is tuned
+        "torch_path": _Functional(layer, "torch"),
+        "linear": base,
+    }
+    peft_model = _peft_layer(base, layer, r)
+    if peft_model is not None:
+        providers["peft"] = peft_model
+    results = {}
+    for name, module in providers.items():
+        results[name] = {"ms": _fwd_bwd_ms(module, x, dy), "peak_bytes": _peak_bytes(module, x, dy)}
+    key, decision = tune.tune(device, dtype, m, k, n, r)
+    tuned = _Functional(layer, "auto")  # the decision just stored: the tuned plan, or torch
+    results["tuned"] = {"ms": _fwd_bwd_ms(tuned, x, dy), "peak_bytes": _peak_bytes(tuned, x, dy)}
+    ms = {name: v["ms"] for name, v in results.items()}
+    ratios = {
+        "tuned_vs_linear": ms["tuned"] / ms["linear"],
+        "fused_tables_vs_linear": ms["fused_tables"] / ms["linear"],
+        "tuned_vs_torch": ms["tuned"] / ms["torch_path"],
+    }
+    if "peft" in ms:
+        ratios["peft_vs_tuned"] = ms["peft"] / ms["tuned"]
+    met = {
+        "tuned_vs_linear": ratios["tuned_vs_linear"] <= TARGETS["tuned_vs_linear"],
+        "tuned_vs_torch": ratios["tuned_vs_torch"] <= TARGETS["tuned_vs_torch"],
+    }
+    if "peft_vs_tuned" in ratios:
+        met["peft_vs_tuned"] = ratios["peft_vs_tuned"] >= TARGETS["peft_vs_tuned"]
+    return {
+        "shape": list(shape),
+        "dtype": str(dtype).removeprefix("torch."),
+        "providers": results,
+        "ratios": ratios,
+        "targets": TARGETS,
+        "met": met,
+        "decision": {"key": key, "provider": decision["provider"], "ms": decision["ms"]},
+    }
+
+
+# --- stage 3: the tuner on LLM shapes -----------------------------------------------------------
+
+TUNER_SHAPES = [
+    (m, k, n, 16)
+    for m in (2048, 8192)
+    for k, n in ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))
+]
+
+
+def stage_tuner(device, shapes=TUNER_SHAPES, dtype=torch.bfloat16) -> dict:
+    keys = []
+    for m, k, n, r in shapes:
+        key, decision = tune.tune(device, dtype, m, k, n, r)
+        ms = decision["ms"]
+        keys.append(
+            {
+                "shape": [m, k, n, r],
+                "key": key,
+                "provider": decision["provider"],
+                "ms": ms,
+                "chosen_vs_torch": min(ms["best_triton"], ms["torch"]) / ms["torch"],
+                "tuned_vs_tables": ms["best_triton"] / ms["tables"] if ms["tables"] else None,
+                "candidates": decision["candidates"],
+                "tune_s": decision["tune_s"],
+            }
+        )
+    return {"dtype": str(dtype).removeprefix("torch."), "keys": keys}
+
+
+# --- stage 4: the end-to-end model benchmark ----------------------------------------------------
+
+BENCH_MODEL = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_model.py"
+
+
+def stage_model(device, out_dir: pathlib.Path) -> dict:
+    cmd = [sys.executable, str(BENCH_MODEL), "--preset", "1b", "--out", str(out_dir)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    return {
+        "command": cmd,
+        "returncode": run.returncode,
+        "output_tail": run.stdout[-4000:],
+        "stderr_tail": run.stderr[-4000:],
+    }
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+class Stage(NamedTuple):
+    name: str
+    estimate_s: float  # a guess for an H100 / H200, compiles included: what the budget counts
+    run: Callable
+    needs: Callable[[], str | None] = lambda: None  # why it can't run here, or None
+
+
+STAGES = [
+    Stage(
+        "correctness",
+        150,
+        lambda device, out: stage_correctness(device, jobs=CHECK_JOBS, time_cap_s=240),
+    ),
+    Stage("target", 60, lambda device, out: stage_target(device)),
+    Stage("tuner", 120, lambda device, out: stage_tuner(device)),
+    Stage(
+        "model",
+        120,
+        stage_model,
+        lambda: None if BENCH_MODEL.exists() else f"{BENCH_MODEL.name} does not exist yet",
+    ),
+]
+
+
+def facts(device) -> dict:
+    import triton
+
+    info = {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            device=props.name,
+            capability=f"{props.major}.{props.minor}",
+            sms=props.multi_processor_count,
+            memory_bytes=props.total_memory,
+        )
+    else:
+        info["device"] = "cpu (Triton interpreter)"
+    return info
+
+
+def _write_json(path: pathlib.Path, data) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def run(out_dir: pathlib.Path, budget_s: float, device, stages=STAGES, log=print) -> dict:
+    """Run ``stages`` into ``out_dir`` within ``budget_s``; return the summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = out_dir / "tune.json"
+    cache.unlink(missing_ok=True)  # this run's own decisions: the target measures the tables first
+    os.environ[tune.ENV_CACHE] = str(cache)
+    tune.reset()
+    summary = {**facts(device), "budget_s": budget_s, "stages": {}}
+    start = time.perf_counter()
+    for stage in stages:
+        elapsed = time.perf_counter() - start
+        why_not = stage.needs()
+        if why_not is None and elapsed + stage.estimate_s > budget_s:
+            why_not = f"would pass the budget: {elapsed:.0f} s spent + ~{stage.estimate_s} s"
+        if why_not is not None:
+            summary["stages"][stage.name] = {"status": "skipped", "note": why_not}
+            log(f"gpu_check: {stage.name}: skipped ({why_not})")
+        else:
+            log(f"gpu_check: {stage.name} (~{stage.estimate_s} s) ...")
+            began = time.perf_counter()
+            try:
+                result = stage.run(device, out_dir)
+            except Exception as e:  # noqa: BLE001  (recorded; the next stages still run)
+                status = {"status": "error", "error": f"{type(e).__name__}: {e}"[:2000]}
+            else:
+                _write_json(out_dir / f"{stage.name}.json", {**facts(device), **result})
+                status = {"status": "done", "file": f"{stage.name}.json"}
+            status["seconds"] = round(time.perf_counter() - began, 1)
+            summary["stages"][stage.name] = status
+            log(f"gpu_check: {stage.name}: {status['status']} in {status['seconds']} s")
+        _write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lora_kernels.gpu_check",
+        description="Everything a lent GPU should measure, in one command.",
+    )
+    parser.add_argument("--out", type=pathlib.Path, required=True, help="directory of the JSON")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=480.0,
+        help="stop starting stages past this many seconds (default 480)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the stages and exit")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        total = 0.0
+        for stage in STAGES:
+            why_not = stage.needs()
+            total += 0 if why_not else stage.estimate_s
+            state = f"skipped: {why_not}" if why_not else f"~{stage.estimate_s:.0f} s"
+            print(f"{stage.name:12} {state}")
+        print(f"{'total':12} ~{total:.0f} s of a {args.budget_s:.0f} s budget -> {args.out}")
+        return 0
+    if not torch.cuda.is_available():
+        print("lora_kernels.gpu_check needs a CUDA GPU (try --dry-run)", file=sys.stderr)
+        return 2
+    summary = run(args.out, args.budget_s, torch.device("cuda", torch.cuda.current_device()))
+    print(json.dumps(summary["stages"], indent=1))
+    return 0 if all(s["status"] != "error" for s in summary["stages"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
