@@ -14,7 +14,8 @@ short keeps what it measured. A stage whose estimated cost would take the run pa
    identical.
 2. ``target``: M=8192, K=N=4096, r=16, bfloat16, forward + backward: the fused kernels on the
    tables, the tuned layer, the torch path, peft and the frozen ``nn.Linear``; times, ratios,
-   peak memory, and the targets beside them.
+   peak memory, and the targets beside them; and the fused kernels alone on the tables' plan
+   (TMA descriptors on Hopper) against the same tiles on the pointer kernels.
 3. ``tuner``: ``lora_kernels.tune`` on the LLM shapes of ``benchmarks/bench_fused.py`` (M 2048
    and 8192, (K, N) in (4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), r 16): each
    decision and each candidate's time.
@@ -29,6 +30,7 @@ device the command exits 2 (``--dry-run`` prints the stages and their estimated 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -45,7 +47,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import tune
+from . import triton_path, tune
 from .dropout import drawn_mask
 from .function import lora_linear
 from .reference import lora_linear_reference, relative_errors
@@ -196,6 +198,7 @@ def stage_correctness(
 # --- stage 2: the target shape ------------------------------------------------------------------
 
 TARGET_SHAPE = (8192, 4096, 4096, 16)
+LAUNCH_FIELDS = ("fwd", "t_only", "dx", "grad_dA", "grad_dB")  # the Plan's per-launch configs
 TARGETS = {"tuned_vs_linear": 1.07, "peft_vs_tuned": 1.4, "tuned_vs_torch": 1.02}
 
 
@@ -285,11 +288,24 @@ def stage_target(device, shape=TARGET_SHAPE, dtype=torch.bfloat16) -> dict:
     results = {}
     for name, module in providers.items():
         results[name] = {"ms": _fwd_bwd_ms(module, x, dy), "peak_bytes": _peak_bytes(module, x, dy)}
+    # The fused kernels alone, forward + backward without autograd: the tables' plan (TMA
+    # descriptors on Hopper) against the same tiles on the pointer kernels.
+    tables = triton_path.plan_for(device, dtype, r, False)
+    pointer = dataclasses.replace(
+        tables, **{f: {**getattr(tables, f), "TMA": False} for f in LAUNCH_FIELDS}
+    )
+    raw = (x.detach(), base.weight, base.bias, layer.lora_A.detach(), layer.lora_B.detach())
+    kernels_ms = {
+        "tables": tune._time_ms(lambda: tune._layer_call(tables, *raw, dy, 0.0), device),
+        "pointer": tune._time_ms(lambda: tune._layer_call(pointer, *raw, dy, 0.0), device),
+        "uses_descriptors": any(getattr(tables, f).get("TMA") for f in LAUNCH_FIELDS),
+    }
     key, decision = tune.tune(device, dtype, m, k, n, r)
     tuned = _Functional(layer, "auto")  # the decision just stored: the tuned plan, or torch
     results["tuned"] = {"ms": _fwd_bwd_ms(tuned, x, dy), "peak_bytes": _peak_bytes(tuned, x, dy)}
     ms = {name: v["ms"] for name, v in results.items()}
     ratios = {
+        "descriptors_vs_pointer": kernels_ms["tables"] / kernels_ms["pointer"],
         "tuned_vs_linear": ms["tuned"] / ms["linear"],
         "fused_tables_vs_linear": ms["fused_tables"] / ms["linear"],
         "tuned_vs_torch": ms["tuned"] / ms["torch_path"],
@@ -306,6 +322,7 @@ def stage_target(device, shape=TARGET_SHAPE, dtype=torch.bfloat16) -> dict:
         "shape": list(shape),
         "dtype": str(dtype).removeprefix("torch."),
         "providers": results,
+        "fused_kernels_ms": kernels_ms,
         "ratios": ratios,
         "targets": TARGETS,
         "met": met,

@@ -82,7 +82,13 @@ def table_plan(arch: str, dtype: torch.dtype, rank: int, dropout_p: float = 0.0)
     target = ARCHS[arch]
     table = triton_path.config_arch(target.capability // 10, target.max_shared_bytes)
     return triton_path.plan_for(
-        torch.device("meta"), dtype, rank, dropout_p > 0.0, arch=table, num_sms=target.sms
+        torch.device("meta"),
+        dtype,
+        rank,
+        dropout_p > 0.0,
+        arch=table,
+        num_sms=target.sms,
+        major=target.capability // 10,
     )
 
 
@@ -170,7 +176,7 @@ def analyse_cubin(cubin: bytes) -> dict:
         res = subprocess.run(
             [tool, "-res-usage", f.name], capture_output=True, text=True, check=True
         )
-    ops = Counter(re.findall(r"\b(STL|LDL|HMMA|HGMMA|UTCHMMA|LDGSTS|UTMALDG)\b", sass.stdout))
+    ops = Counter(re.findall(r"\b(STL|LDL|HMMA|HGMMA|UTCHMMA|LDGSTS|UTMA[A-Z]+)\b", sass.stdout))
     mma_ops = {op: ops[op] for op in ("HMMA", "HGMMA", "UTCHMMA") if ops[op]}
     registers = re.search(r"REG:(\d+)", res.stdout)
     return {
@@ -180,6 +186,8 @@ def analyse_cubin(cubin: bytes) -> dict:
         "mma": sum(mma_ops.values()),
         "mma_ops": mma_ops,
         "async_copies": ops["LDGSTS"] + ops["UTMALDG"],
+        # the tensor-memory accelerator: UTMALDG (loads), UTMASTG (stores), UTMAPF (prefetch)...
+        "tma": sum(n for op, n in ops.items() if op.startswith("UTMA")),
     }
 
 
@@ -226,6 +234,7 @@ def _inspect_launch(launch, arch, dtype_name, rank, dropout_p, candidate, dump) 
     }
     return {
         "kernel": launch.name,
+        "descriptors": launch.kernel.fn.__name__.endswith("_tma_kernel"),
         "candidate": candidate,
         "arch": arch,
         "dtype": dtype_name,
@@ -266,7 +275,7 @@ def format_table(rows: list[dict]) -> str:
     cols = ["kernel", "candidate", "arch", "dtype", "rank", "dropout", "registers", "spills"]
     cols += ["shared_bytes"]
     cols += ["mma_ops"]
-    cols += ["async_copies", "grid", "config"]
+    cols += ["async_copies", "tma", "grid", "config"]
     show = {"config": _short, "mma_ops": lambda ops: ",".join(f"{k}:{v}" for k, v in ops.items())}
     cells = [[show.get(c, str)(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]

@@ -17,6 +17,7 @@ from typing import List  # noqa: UP035  (see backward_op)
 
 import torch
 
+from .kernels import fused_mm_tma, lora_grad_tma
 from .kernels.common import acc_dtype
 from .kernels.fused_mm import fused_mm, fused_mm_config, fused_mm_t_config
 from .kernels.lora_grad import grad_config, lora_grad
@@ -30,6 +31,18 @@ INTERPRETER_SMS = 4
 # docs/kernels.md). GPUs of capability >= 9 with less (the RTX 50 series, 12.x: 99 KiB) take
 # Ampere's tables, which fit in 99 KiB (51 KiB at most).
 HOPPER_SHARED_BYTES = 227 * 1024
+
+
+# Hopper's tables (H100, H200, B200) carry a "TMA" flag per launch: True runs it on TMA
+# descriptors over a persistent grid (kernels/fused_mm_tma.py, lora_grad_tma.py) wherever the
+# call's operands allow it, False on the pointer kernels. True for 16-bit inputs, but not for dx
+# with dropout: there its 128 x 128 tile, the LoRA term and the mask pass 255 registers (5
+# spills, sm_90 bf16 r16). float32 stays on pointers: its FMA dots keep their operands in
+# registers, and the descriptor forward spilled 19 to 39 instructions (sm_90 / sm_100, ranks 4
+# and 16). Blackwell (Hopper's tables too) from Triton 3.8 only (descriptors_build). The builds
+# behind this: docs/kernels.md.
+DESCRIPTOR_ARCHS = (9,)
+DESCRIPTOR_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def config_arch(major: int, max_shared_bytes: int) -> int:
@@ -66,6 +79,24 @@ def _device_facts(device: torch.device) -> tuple[int, int]:
     return config_arch(props.major, max_shared), props.multi_processor_count
 
 
+@functools.lru_cache(maxsize=64)
+def _device_major(device: torch.device) -> int:
+    """The compute-capability major of ``device`` (the interpreter's: Hopper's)."""
+    if device.type != "cuda":
+        return INTERPRETER_ARCH
+    return torch.cuda.get_device_properties(device).major
+
+
+def descriptors_build(major: int) -> bool:
+    """Whether the descriptor kernels go on a GPU of capability ``major.x`` (given Hopper's
+    tables): Hopper always; Blackwell from Triton 3.8, the first to build their fused forward
+    with tensor cores there (3.4 to 3.7 gave a kernel whose SASS shows no UTCHMMA)."""
+    import triton
+
+    version = tuple(int(v) for v in triton.__version__.split(".")[:2])
+    return major == 9 or (major >= 10 and version >= (3, 8))
+
+
 def make_plan(
     x: torch.Tensor,
     rank: int,
@@ -85,39 +116,67 @@ def plan_for(
     dropout: bool = False,
     arch: int | None = None,
     num_sms: int | None = None,
+    major: int | None = None,
 ) -> Plan:
     """``make_plan`` for inputs of ``dtype`` on ``device`` (all a plan depends on of ``x``),
-    ``dropout`` whether the call drops out."""
+    ``dropout`` whether the call drops out; ``arch``, ``num_sms`` and ``major`` (the capability
+    major) override the device's own."""
     dev_arch, dev_sms = _device_facts(device)
     arch = dev_arch if arch is None else arch
     num_sms = dev_sms if num_sms is None else num_sms
+    major = _device_major(device) if major is None else major
+    descriptors = dtype in DESCRIPTOR_DTYPES and descriptors_build(major)
     # float32 follows PyTorch's own switch: TF32 only when the user allowed it for matmuls.
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+
+    def tma(config: dict, allowed: bool = True) -> dict:
+        if arch not in DESCRIPTOR_ARCHS:
+            return config
+        return {**config, "TMA": allowed and descriptors}
+
     return Plan(
-        fwd=fused_mm_config(arch, dtype, rank),
-        t_only=fused_mm_t_config(arch, dtype),
-        dx=fused_mm_config(arch, dtype, rank, dropout_out=dropout),
-        grad_dA=grad_config(arch, dtype, rank, dropout=dropout),
-        grad_dB=grad_config(arch, dtype, rank),
+        fwd=tma(fused_mm_config(arch, dtype, rank)),
+        t_only=tma(fused_mm_t_config(arch, dtype)),
+        dx=tma(fused_mm_config(arch, dtype, rank, dropout_out=dropout), allowed=not dropout),
+        grad_dA=tma(grad_config(arch, dtype, rank, dropout=dropout)),
+        grad_dB=tma(grad_config(arch, dtype, rank)),
         num_sms=num_sms,
         precision="tf32" if tf32 else "ieee",
         upcast=device.type == "cpu" and dtype == torch.bfloat16,
     )
 
 
+def _fused(x, wt, bias, p, q, scaling, *, config, num_sms, **kwargs):
+    """One launch of the fused kernel: on TMA descriptors over a persistent grid where the
+    config asks for it (Hopper's tables, or the tuner) and the operands allow it
+    (``fused_mm_tma.supports``: aligned, unit last stride), the pointer kernel otherwise."""
+    if config.get("TMA") and fused_mm_tma.supports(x, wt, p, q):
+        return fused_mm_tma.fused_mm_tma(
+            x, wt, bias, p, q, scaling, config=config, num_sms=num_sms, **kwargs
+        )
+    return fused_mm(x, wt, bias, p, q, scaling, config=config, **kwargs)
+
+
+def _grad(u, v, *, config, **kwargs):
+    """One reduction launch: ``_fused``'s choice, for ``lora_grad``."""
+    if config.get("TMA") and lora_grad_tma.supports(u, v):
+        return lora_grad_tma.lora_grad_tma(u, v, config=config, **kwargs)
+    return lora_grad(u, v, config=config, **kwargs)
+
+
 def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *, plan, store_t=True):
     """``x (M, K) -> (y (M, N), T (M, r) | None)``: one fused launch; two with dropout (a T-only
     pass that generates each mask element once, then the output pass reading T). Adapters of
     another dtype compute in ``x``'s."""
-    common = {"precision": plan.precision, "upcast": plan.upcast}
+    common = {"precision": plan.precision, "upcast": plan.upcast, "num_sms": plan.num_sms}
     lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     t_in = None
     if dropout_p > 0.0:
-        _, t_in = fused_mm(
+        _, t_in = _fused(
             x, weight.t(), None, lora_A, lora_B, scaling, config=plan.t_only, store_out=False,
             dropout_p=dropout_p, dropout_in=True, seed=seed, name="lora_fwd_t", **common,
         )  # fmt: skip
-    y, t = fused_mm(
+    y, t = _fused(
         x, weight.t(), bias, lora_A, lora_B, scaling, config=plan.fwd, store_t=store_t,
         t_in=t_in, name="lora_fwd", **common,
     )  # fmt: skip
@@ -137,7 +196,7 @@ def backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, 
     if need_x or need_a:
         # dx = dY W + s * drop(dY B^T A^T): the forward kernel on the transposed operands; its T
         # output is s * dS, which dA reduces against x.
-        dx, dT = fused_mm(
+        dx, dT = _fused(
             dy,
             weight,
             None,
@@ -145,6 +204,7 @@ def backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, 
             lora_A.t(),
             scaling,
             config=plan.dx if need_x else plan.t_only,
+            num_sms=plan.num_sms,
             precision=plan.precision,
             upcast=plan.upcast,
             store_out=need_x,
@@ -155,12 +215,12 @@ def backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, 
             name="lora_bwd_dx",
         )
     if need_a:
-        da = lora_grad(
+        da = _grad(
             dT, x, transpose_out=True, out_dtype=adapter_dtype, config=plan.grad_dA,
             dropout_p=dropout_p, seed=seed, name="lora_bwd_dA", **grad_kw,
         )  # fmt: skip
     if need_lb:
-        dlb = lora_grad(
+        dlb = _grad(
             T, dy, transpose_out=False, out_dtype=adapter_dtype, config=plan.grad_dB,
             name="lora_bwd_dB", **grad_kw,
         )  # fmt: skip
@@ -194,7 +254,7 @@ def plan_string(device: torch.device, dtype: torch.dtype, rank: int, dropout: bo
     ``torch.compile(dynamic=True)`` those can't be turned into constants and the compile fails.
     ``rank`` is the padded rank (``padded_rank``), the only way a plan depends on the rank."""
     tf32 = torch.backends.cuda.matmul.allow_tf32
-    key = (device, _device_facts(device), dtype, rank, dropout, tf32)
+    key = (device, _device_facts(device), _device_major(device), dtype, rank, dropout, tf32)
     if key not in _plan_strings:
         _plan_strings[key] = plan_to_str(plan_for(device, dtype, rank, dropout))
     return _plan_strings[key]

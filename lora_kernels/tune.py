@@ -67,8 +67,9 @@ TUNE_DROPOUT = 0.1
 
 class Alternative(NamedTuple):
     """One launch's table config with one field changed: ``"/2"`` halves it, ``"-1"`` lowers
-    it by one, never below ``floor``. Every change shrinks a tile or a pipeline, and
-    ``inspect --candidates`` checks that each build has no spills and uses tensor cores."""
+    it by one, never below ``floor``; ``"off"`` turns a ``TMA`` flag the tables set off (the
+    pointer kernel on the same tile). ``inspect --candidates`` checks that each build has no
+    spills and uses tensor cores."""
 
     launch: str  # the Plan field: fwd, t_only, dx, grad_dA, grad_dB
     key: str
@@ -78,6 +79,13 @@ class Alternative(NamedTuple):
 
 
 ALTERNATIVES = (
+    # Hopper: each launch on the pointer kernel instead of TMA descriptors (nothing has measured
+    # ours yet; Triton's own GEMMs gained 13-20% from them: triton-lang/triton#5461, #5726)
+    Alternative("fwd", "TMA", "off", "the pointer kernel: cp.async loads, one program a tile"),
+    Alternative("t_only", "TMA", "off", "the pointer kernel: cp.async loads, one program a tile"),
+    Alternative("dx", "TMA", "off", "the pointer kernel: cp.async loads, one program a tile"),
+    Alternative("grad_dA", "TMA", "off", "the pointer kernel: cp.async loads"),
+    Alternative("grad_dB", "TMA", "off", "the pointer kernel: cp.async loads"),
     # the fused forward (y and T) and the dx pass: the same kernel, tiled over (M, N)
     Alternative("fwd", "BLOCK_N", "/2", "twice the tiles: fills the SMs when M x N is small"),
     Alternative("fwd", "BLOCK_M", "/2", "twice the tiles along M: small token counts"),
@@ -101,6 +109,8 @@ MIN_STAGES = 2
 
 def altered(config: dict, alternative: Alternative) -> dict | None:
     """``config`` with ``alternative`` applied, or ``None`` where the result is no candidate."""
+    if alternative.how == "off":
+        return {**config, "TMA": False} if config.get("TMA") else None
     value = config[alternative.key]
     new = value // 2 if alternative.how == "/2" else value - 1
     floor = MIN_STAGES if alternative.key == "num_stages" else alternative.floor

@@ -39,15 +39,14 @@ def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, rtol: float) -
 
 def make_x(lead: tuple[int, ...], k: int, dtype: torch.dtype, layout: str, gen) -> torch.Tensor:
     """Input of shape ``(*lead, k)``: contiguous, or a non-contiguous view of a larger tensor."""
+    # NOTE: cast first, then take the view: .to() of a view with gaps returns a contiguous copy.
     if layout == "contiguous":
-        x = torch.randn(*lead, k, generator=gen, dtype=torch.float64)
-    elif layout == "strided":  # every other column of a (.., 2k) tensor
-        x = torch.randn(*lead, 2 * k, generator=gen, dtype=torch.float64)[..., ::2]
-    elif layout == "transposed":  # leading dims stored after the feature dim
-        x = torch.randn(k, *lead, generator=gen, dtype=torch.float64).movedim(0, -1)
-    else:
-        raise ValueError(layout)
-    return x.to(dtype)
+        return torch.randn(*lead, k, generator=gen, dtype=torch.float64).to(dtype)
+    if layout == "strided":  # every other column of a (.., 2k) tensor
+        return torch.randn(*lead, 2 * k, generator=gen, dtype=torch.float64).to(dtype)[..., ::2]
+    if layout == "transposed":  # leading dims stored after the feature dim
+        return torch.randn(k, *lead, generator=gen, dtype=torch.float64).to(dtype).movedim(0, -1)
+    raise ValueError(layout)
 
 
 def make_params(k: int, n: int, r: int, dtype: torch.dtype, bias: bool, gen) -> dict:

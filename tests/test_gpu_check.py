@@ -90,6 +90,9 @@ def test_every_stage_runs_and_writes_its_json(tmp_path, monkeypatch):
     assert set(target["providers"]) >= {"fused_tables", "tuned", "torch_path", "linear", "peft"}
     assert set(target["ratios"]) >= {"tuned_vs_linear", "tuned_vs_torch", "peft_vs_tuned"}
     assert target["decision"]["provider"] in ("triton", "torch")
+    assert target["fused_kernels_ms"]["tables"] > 0 and target["fused_kernels_ms"]["pointer"] > 0
+    assert target["fused_kernels_ms"]["uses_descriptors"]  # the interpreter runs Hopper's tables
+    assert "descriptors_vs_pointer" in target["ratios"]
 
     tuner = json.loads((tmp_path / "out" / "tuner.json").read_text())
     (only,) = tuner["keys"]

@@ -12,6 +12,7 @@ import torch
 
 from lora_kernels import triton_path
 from lora_kernels.inspect import ARCHS, table_plan
+from lora_kernels.kernels import fused_mm_tma
 
 # Builds per group: bfloat16 (the dtype most users train in) at dropout 0 and 0.1. Blackwell is a
 # group of its own: Triton 3.2 (torch 2.6's) has no Blackwell target, so `make compat` leaves it
@@ -123,3 +124,20 @@ def test_candidates_build_without_spills_on_tensor_cores(candidate_builds):
         if r["spills"] or not r["mma"] or r["shared_bytes"] > r["shared_limit"]
     ]
     assert not bad
+
+
+def test_hopper_builds_load_through_tma(built):
+    """Hopper's tables take the descriptor kernels: every such sm_90 build has TMA loads and
+    wgmma; the pointer kernels (dx with dropout, and every other GPU) none."""
+    group, rows, _ = built
+    for r in rows:
+        if r["arch"] == "sm_90" and r["descriptors"]:
+            assert r["tma"] > 0 and r["mma_ops"].get("HGMMA", 0) > 0, r
+        if not r["descriptors"]:
+            assert r["tma"] == 0, r
+    on_tma = {(r["kernel"], r["dropout"]) for r in rows if r["descriptors"]}
+    if fused_mm_tma.TensorDescriptor is None:  # Triton 3.2 and 3.3 (make compat)
+        assert not on_tma
+    elif "sm_90" in group["archs"]:
+        assert ("lora_bwd_dx", 0.1) not in on_tma
+        assert {("lora_fwd", 0.0), ("lora_bwd_dx", 0.0), ("lora_fwd_t", 0.1)} <= on_tma

@@ -265,8 +265,29 @@ def _lora_fwd_kernel(
             xp = mma(x, p, xp, PRECISION, UPCAST)
 
     # --- epilogue: T = s * drop_in(X) P; out += s * drop_out(T Q) + b
+    xp = t_epilogue(xp, t_ptr, offs_m, mask_m, stride_tm, stride_tr, RANK, pid_n, scaling,
+                    dropout_scale, STORE_T, T_IN, DROPOUT_IN, R)  # fmt: skip
+    if STORE_OUT:
+        q = tl.load(
+            q_ptr + offs_r[:, None] * stride_qr + offs_n.to(tl.int64)[None, :] * stride_qn,
+            mask=mask_r[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        out_epilogue(acc, xp, q, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, stride_om,
+                     stride_on, pid_n, seed, dropout_threshold, dropout_scale, HAS_BIAS,
+                     DROPOUT_OUT, BLOCK_N, ACC, PRECISION, UPCAST)  # fmt: skip
+
+
+@triton.jit
+def t_epilogue(xp, t_ptr, offs_m, mask_m, stride_tm, stride_tr, RANK, pid_n, scaling,
+               dropout_scale, STORE_T: tl.constexpr, T_IN: tl.constexpr,
+               DROPOUT_IN: tl.constexpr, R: tl.constexpr):  # fmt: skip
+    """The tile's ``T = s * drop_in(X) P`` (read back instead with ``T_IN``), stored by the first
+    column of tiles with ``STORE_T``; shared by the pointer and the descriptor kernels."""
+    offs_r = tl.arange(0, R)
+    mask_r = offs_r < RANK
+    t_ptrs = t_ptr + offs_m.to(tl.int64)[:, None] * stride_tm + offs_r[None, :] * stride_tr
     if T_IN:
-        t_ptrs = t_ptr + offs_m.to(tl.int64)[:, None] * stride_tm + offs_r[None, :] * stride_tr
         xp = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     else:
         if DROPOUT_IN:
@@ -275,28 +296,31 @@ def _lora_fwd_kernel(
     if STORE_T:
         # Only the first column of tiles writes T; every column computed the same values.
         if pid_n == 0:
-            t_ptrs = t_ptr + offs_m.to(tl.int64)[:, None] * stride_tm + offs_r[None, :] * stride_tr
             tl.store(t_ptrs, xp, mask=mask_m[:, None] & mask_r[None, :])
-    if STORE_OUT:
-        q = tl.load(
-            q_ptr + offs_r[:, None] * stride_qr + offs_n.to(tl.int64)[None, :] * stride_qn,
-            mask=mask_r[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        if DROPOUT_OUT:
-            lora = mma_f32_lhs(xp, q, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), PRECISION, UPCAST)
-            keep = dropout_keep(seed, offs_m, pid_n * BLOCK_N, BLOCK_N, dropout_threshold)
-            acc += tl.where(keep, lora * dropout_scale, 0.0)
-        else:
-            acc = mma_f32_lhs(xp, q, acc, PRECISION, UPCAST)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
-        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
-        tl.store(
-            out_ptrs,
-            to_output(acc, out_ptr.dtype.element_ty, UPCAST),
-            mask=mask_m[:, None] & mask_n[None, :],
-        )
+    return xp
+
+
+@triton.jit
+def out_epilogue(acc, xp, q, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, stride_om,
+                 stride_on, pid_n, seed, dropout_threshold, dropout_scale,
+                 HAS_BIAS: tl.constexpr, DROPOUT_OUT: tl.constexpr, BLOCK_N: tl.constexpr,
+                 ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """``out = acc + s * drop_out(T Q) + b`` for one tile, cast once and stored; ``q`` is the
+    tile's ``(R, BLOCK_N)`` slice of Q."""
+    if DROPOUT_OUT:
+        lora = mma_f32_lhs(xp, q, tl.zeros((xp.shape[0], BLOCK_N), dtype=ACC), PRECISION, UPCAST)
+        keep = dropout_keep(seed, offs_m, pid_n * BLOCK_N, BLOCK_N, dropout_threshold)
+        acc += tl.where(keep, lora * dropout_scale, 0.0)
+    else:
+        acc = mma_f32_lhs(xp, q, acc, PRECISION, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(
+        out_ptrs,
+        to_output(acc, out_ptr.dtype.element_ty, UPCAST),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
 
 
 def fused_mm(
@@ -324,13 +348,9 @@ def fused_mm(
     launch for ``inspect``. ``t_in``: a T computed by an earlier ``store_out=False`` launch, read
     instead of recomputing ``X P`` (then nothing is stored into T)."""
     (m, k), n, rank = x.shape, wt.shape[1], p.shape[1]
-    out = alloc((m, n), x.dtype, x.device) if store_out else None
-    store_t = store_t and t_in is None
-    t = alloc((m, rank), acc_dtype(x.dtype), x.device) if store_t else None
+    out, t, out_arg, t_arg = launch_outputs(x, n, rank, store_out, store_t, t_in)
     if m == 0:
         return out, t
-    out_arg = out if store_out else x  # never written: STORE_OUT / STORE_T are constexpr
-    t_arg = t_in if t_in is not None else t if store_t else x
     n_tiles = triton.cdiv(n, config["BLOCK_N"]) if store_out else 1
     grid = (triton.cdiv(m, config["BLOCK_M"]) * n_tiles,)
     args = (
@@ -344,10 +364,32 @@ def fused_mm(
         t_arg.stride(0), t_arg.stride(1),
         scaling, keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p), seed,
     )  # fmt: skip
-    meta = {
+    meta = launch_meta(x, bias, rank, t, t_in, store_out, dropout_in, dropout_out, config,
+                       precision, upcast)  # fmt: skip
+    launch(name, _lora_fwd_kernel, grid, args, meta)
+    return out, t
+
+
+def launch_outputs(x, n: int, rank: int, store_out: bool, store_t: bool, t_in):
+    """``(out, T, out_arg, t_arg)`` of one launch (shared with the descriptor launcher): the
+    ``(M, N)`` output and the float32 ``(M, r)`` T where written (T only without ``t_in``), and
+    the tensors the kernel gets for them (any tensor stands in for one never written:
+    ``STORE_OUT`` / ``STORE_T`` are constexpr)."""
+    m = x.shape[0]
+    out = alloc((m, n), x.dtype, x.device) if store_out else None
+    t = alloc((m, rank), acc_dtype(x.dtype), x.device) if store_t and t_in is None else None
+    t_arg = t_in if t_in is not None else t if t is not None else x
+    return out, t, out if store_out else x, t_arg
+
+
+def launch_meta(x, bias, rank, t, t_in, store_out, dropout_in, dropout_out, config, precision,
+                upcast) -> dict:  # fmt: skip
+    """The constexpr arguments both fused kernels take (the config's ``TMA`` flag picks the
+    kernel, it is none of them)."""
+    return {
         "HAS_BIAS": bias is not None,
         "STORE_OUT": store_out,
-        "STORE_T": store_t,
+        "STORE_T": t is not None,
         "T_IN": t_in is not None,
         "DROPOUT_IN": dropout_in,
         "DROPOUT_OUT": dropout_out,
@@ -355,7 +397,5 @@ def fused_mm(
         "ACC": tl_dtype(acc_dtype(x.dtype)),
         "PRECISION": precision,
         "UPCAST": upcast,
-        **config,
+        **{key: value for key, value in config.items() if key != "TMA"},
     }
-    launch(name, _lora_fwd_kernel, grid, args, meta)
-    return out, t

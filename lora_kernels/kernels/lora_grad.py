@@ -167,15 +167,8 @@ def lora_grad(
     out_shape = (d, rank) if transpose_out else (rank, d)
     if m == 0:
         return torch.zeros(out_shape, dtype=out_dtype, device=u.device)
-    split = num_splits(m, d, config, num_sms)
-    chunk = triton.cdiv(triton.cdiv(m, split), config["BLOCK_M"]) * config["BLOCK_M"]
-    split = triton.cdiv(m, chunk)
-    # Partials in the output's own layout, so the host-side sum lands contiguous.
-    part = alloc((split, *out_shape), u.dtype, u.device)
-    if transpose_out:
-        stride_ps, stride_pd, stride_pr = part.stride()
-    else:
-        stride_ps, stride_pr, stride_pd = part.stride()
+    split, chunk, part, (stride_ps, stride_pr, stride_pd) = partials(u, d, transpose_out, config,
+                                                                    num_sms)  # fmt: skip
     grid = (triton.cdiv(d, config["BLOCK_D"]), split)
     args = (
         u, v, part,
@@ -185,15 +178,38 @@ def lora_grad(
         stride_ps, stride_pr, stride_pd,
         keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p), seed,
     )  # fmt: skip
-    meta = {
+    meta = grad_meta(u, rank, dropout_p, config, precision, upcast)
+    launch(name, _lora_grad_kernel, grid, args, meta)
+    return reduce_partials(part, split, out_dtype)
+
+
+def partials(u, d: int, transpose_out: bool, config: dict, num_sms: int):
+    """``(splits, rows per split, partials, (stride_ps, stride_pr, stride_pd))`` of one
+    reduction (shared with the descriptor launcher). The chunks are multiples of ``BLOCK_M``;
+    the partials lie in the output's own layout, so the host-side sum lands contiguous."""
+    m, rank = u.shape
+    split = num_splits(m, d, config, num_sms)
+    chunk = triton.cdiv(triton.cdiv(m, split), config["BLOCK_M"]) * config["BLOCK_M"]
+    split = triton.cdiv(m, chunk)
+    part = alloc((split, *((d, rank) if transpose_out else (rank, d))), u.dtype, u.device)
+    stride_ps, first, second = part.stride()
+    strides = (stride_ps, second, first) if transpose_out else (stride_ps, first, second)
+    return split, chunk, part, strides
+
+
+def grad_meta(u, rank: int, dropout_p: float, config: dict, precision: str, upcast: bool) -> dict:
+    """The constexpr arguments both reduction kernels take (not the config's ``TMA`` flag)."""
+    return {
         "DROPOUT": dropout_p > 0.0,
         "R": padded_rank(rank),
         "ACC": tl_dtype(u.dtype),
         "PRECISION": precision,
         "UPCAST": upcast,
-        **config,
+        **{key: value for key, value in config.items() if key != "TMA"},
     }
-    launch(name, _lora_grad_kernel, grid, args, meta)
+
+
+def reduce_partials(part: torch.Tensor, split: int, out_dtype: torch.dtype) -> torch.Tensor:
     # NOTE: a fixed-order sum over the split axis (no atomics): deterministic run to run.
     grad = part[0] if split == 1 else part.sum(0)
     return grad.to(out_dtype)
