@@ -1,18 +1,20 @@
-"""The dropout mask both backends share the definition of: keep iff a random 32-bit word is at
-least ``p * 2**32``. Kept elements are scaled by ``1 / (1 - p)``, as ``nn.Dropout`` does."""
+"""The dropout masks: a pure function of ``(seed, element position)`` on each device type, never
+stored. The kernels (and the torch path on CUDA) keep an element iff a random 32-bit word is at
+least ``p * 2**32``; the CPU torch path drops the positions a geometric-gap walk gives
+(``drop_positions``). Kept elements are scaled by ``1 / (1 - p)``, as ``nn.Dropout`` does."""
 
 from __future__ import annotations
 
+import math
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-# CPU masks are drawn in chunks of this many 64-bit words (two elements each), every chunk from
-# its own generator seeded by (seed, chunk index): the chunks fill in parallel, and the mask is
-# the same whatever the thread count. 2**18 words = 2 MiB, a chunk that stays in cache.
-CHUNK_WORDS = 2**18
+# CPU masks are defined in fixed chunks of this many elements, every chunk from its own generator
+# seeded by (seed, chunk index): the chunks are drawn in parallel, and the mask is the same
+# whatever the thread count.
+CHUNK_ELEMS = 2**20
 _MASK64 = 2**64 - 1
 _pool: ThreadPoolExecutor | None = None
 _pool_pid: int | None = None
@@ -42,24 +44,49 @@ def _thread_pool() -> ThreadPoolExecutor:
     return _pool
 
 
-_scratch = threading.local()
+def _chunk_positions(args) -> torch.Tensor:
+    """The dropped positions of one CPU chunk (``size`` elements from ``start``), ascending.
 
-
-def _fill_chunk(args) -> None:
-    """One CPU chunk: draw its words into this thread's scratch buffer, compare into ``keep``."""
-    keep, seed, threshold = args
-    words = getattr(_scratch, "words", None)
-    if words is None:
-        # NOTE: one CHUNK_WORDS buffer per pool thread, reused: fresh (M x K / 2)-word tensors
-        # per call can cost page faults on top of the drawing (a copy into a fresh 16 MiB
-        # tensor took 21 ms in one profile on our 2-core machine).
-        words = _scratch.words = torch.empty(CHUNK_WORDS, dtype=torch.int64)
-    n = keep.numel()
-    words = words[: (n + 1) // 2]
+    The gaps between drops are geometric: ``1 + floor(log(u) / log(1 - p))`` for uniforms ``u``
+    in ``(0, 1)`` made from 32-bit words (``(word + 0.5) / 2**32``, in float64), so each element
+    is dropped independently with probability ``p``. This draws and computes about ``p`` values per
+    element instead of one word per element: at p = 0.1, a tenth of the generator's work.
+    """
+    start, size, p, seed = args
     gen = torch.Generator()
     gen.manual_seed(seed)
-    words.random_(-(2**63), None, generator=gen)
-    torch.ge(words.view(torch.int32)[:n], threshold, out=keep)
+    inv_log = 1.0 / math.log1p(-p)
+    end, last, parts = start + size, start - 1, []
+    while last < end - 1:
+        expected = (end - 1 - last) * p
+        # Rarely short (then the walk draws again). Every word drawn is used, two uniforms each,
+        # so the gaps are one stream whatever the batches: a shorter chunk's positions are the
+        # longer one's below its end (the mask of m rows is the first m rows' of a longer x).
+        words = torch.empty(int(expected + 6.0 * math.sqrt(expected)) // 2 + 8, dtype=torch.int64)
+        words.random_(-(2**63), None, generator=gen)
+        u = words.view(torch.int32).double().add_(2**31 + 0.5).mul_(2.0**-32)
+        # NOTE: clamped before the cast: a tiny p would overflow int64 (the gap ends the chunk).
+        gaps = u.log_().mul_(inv_log).clamp_(max=CHUNK_ELEMS).floor_().to(torch.int64).add_(1)
+        positions = gaps.cumsum_(0).add_(last)
+        parts.append(positions)
+        last = int(positions[-1])
+    positions = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return positions[: int(torch.searchsorted(positions, end))]
+
+
+def drop_positions(n: int, p: float, seed: int | torch.Tensor) -> torch.Tensor:
+    """The CPU torch path's mask as the ascending int64 positions (of ``n`` elements, row-major)
+    it drops: the definition of the CPU mask. A pure function of ``(seed, position)``."""
+    seed = int(seed)
+    jobs = [
+        (start, min(CHUNK_ELEMS, n - start), p, _chunk_seed(seed, start // CHUNK_ELEMS))
+        for start in range(0, n, CHUNK_ELEMS)
+    ]
+    if not jobs:
+        return torch.empty(0, dtype=torch.int64)
+    if len(jobs) == 1:
+        return _chunk_positions(jobs[0])
+    return torch.cat(list(_thread_pool().map(_chunk_positions, jobs)))
 
 
 def keep_mask(
@@ -68,9 +95,10 @@ def keep_mask(
     """The torch path's boolean keep-mask of ``shape``: a pure function of ``(seed, position)``
     (and of the device type: CPU and CUDA generators differ). ``seed``: an int or a 0-d tensor.
 
-    Full-range 64-bit draws read as two int32 words each, compared with ``keep_threshold(p)``.
-    On CPU the words come in fixed chunks filled by a thread pool; on CUDA in one launch.
-    Backward calls this again with the same seed instead of saving a mask.
+    On CPU: ``drop_positions``' positions are False. On CUDA: full-range 64-bit draws in one
+    launch, read as two int32 words each, compared with ``keep_threshold(p)``. Eager CPU calls
+    use the positions themselves (``torch_path``); torch.compile's graphs use this mask.
+    Backward regenerates the mask from the same seed instead of saving it.
     """
     if not isinstance(seed, torch.Tensor):
         seed = torch.tensor(seed, dtype=torch.int64)
@@ -85,20 +113,9 @@ def _keep_mask_op(
 ) -> torch.Tensor:
     n, seed, threshold = rows * cols, int(seed), keep_threshold(p)
     if device.type == "cpu":
-        # NOTE: out of inference mode, which is per thread: the pool's threads run outside it
-        # and could not write into an inference tensor made by a caller inside it.
-        with torch.inference_mode(False):
-            keep = torch.empty(n, dtype=torch.bool)
-            per_chunk = 2 * CHUNK_WORDS
-            jobs = [
-                (keep[start : start + per_chunk], _chunk_seed(seed, start // per_chunk), threshold)
-                for start in range(0, n, per_chunk)
-            ]
-            if len(jobs) == 1:
-                _fill_chunk(jobs[0])
-            else:
-                list(_thread_pool().map(_fill_chunk, jobs))
-            return keep.view(rows, cols)
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[drop_positions(n, p, seed)] = False
+        return keep.view(rows, cols)
     words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device)
     gen = torch.Generator(device=device)
     gen.manual_seed(_chunk_seed(seed, 0))

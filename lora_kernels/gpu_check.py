@@ -19,8 +19,8 @@ short keeps what it measured. A stage whose estimated cost would take the run pa
 3. ``tuner``: ``lora_kernels.tune`` on the LLM shapes of ``benchmarks/bench_fused.py`` (M 2048
    and 8192, (K, N) in (4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), r 16): each
    decision and each candidate's time.
-4. ``model``: the end-to-end benchmark (``benchmarks/bench_model.py --preset 1b``), where it
-   exists.
+4. ``model``: the end-to-end benchmark (``benchmarks/bench_model.py --preset 1b``: a Llama 3.2
+   1B-shaped Llama and MiniLM, bf16, dropout 0 and 0.1), cut after ``MODEL_TIME_CAP_S``.
 
 Tuning decisions of the run go to ``DIR/tune.json``, never the user's cache. Without a CUDA
 device the command exits 2 (``--dry-run`` prints the stages and their estimated cost, and exits
@@ -364,9 +364,20 @@ def stage_tuner(device, shapes=TUNER_SHAPES, dtype=torch.bfloat16) -> dict:
 BENCH_MODEL = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_model.py"
 
 
-def stage_model(device, out_dir: pathlib.Path) -> dict:
+MODEL_TIME_CAP_S = 300  # the benchmark rewrites its JSON after each (model, dropout): kept if cut
+
+
+def stage_model(device, out_dir: pathlib.Path, time_cap_s: float = MODEL_TIME_CAP_S) -> dict:
     cmd = [sys.executable, str(BENCH_MODEL), "--preset", "1b", "--out", str(out_dir)]
-    run = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=time_cap_s)
+    except subprocess.TimeoutExpired as cut:
+        tail = (cut.stdout or b"")[-4000:]
+        return {
+            "command": cmd,
+            "timed_out_after_s": time_cap_s,
+            "output_tail": tail.decode(errors="replace") if isinstance(tail, bytes) else tail,
+        }
     return {
         "command": cmd,
         "returncode": run.returncode,

