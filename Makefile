@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)" "$(TRITON_PIN)"
-	$(PY) -m pip install --quiet -e ".[dev,peft]"
+	$(PY) -m pip install --quiet -e ".[dev,peft,qlora]"
 	touch $(STAMP)
 
 demo: $(STAMP)

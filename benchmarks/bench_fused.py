@@ -4,6 +4,7 @@
     python benchmarks/bench_fused.py --predict  # the roofline table for A100 / H100 only
     python benchmarks/bench_fused.py --quick    # tiny shapes, a few repetitions (CI smoke run)
     python benchmarks/bench_fused.py --shape 8192x4096x4096x16 --dtype bfloat16   # chosen rows
+    python benchmarks/bench_fused.py --base nf4  # over a bitsandbytes NF4 base (QLoRA), vs peft
     pytest benchmarks/bench_fused.py            # the CPU small shape under pytest-benchmark
 
 Providers share the same weights and inputs: ``lora_kernels`` (``LoRALayer``: Triton kernels on
@@ -78,15 +79,36 @@ class ReferenceLoRA(nn.Module):
         return self.base(x) + self.scaling * (x_lora @ self.lora_A @ self.lora_B)
 
 
-def build_providers(shape, dtype, device, dropout) -> dict[str, nn.Module]:
-    """Every provider over the same frozen weight and the same (non-zero) LoRA factors."""
+BASES = ("16bit", "nf4")
+
+
+def quantized_base(linear: nn.Linear, dtype, device) -> nn.Module:
+    """``linear`` as bitsandbytes' NF4 ``Linear4bit`` (double quantization, bitsandbytes'
+    defaults), computing in ``dtype``: the QLoRA base."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(
+        linear.in_features, linear.out_features, compute_dtype=dtype, quant_type="nf4"
+    )
+    layer.load_state_dict({k: v.float() for k, v in linear.state_dict().items()})
+    return layer.to(device).requires_grad_(False)  # bitsandbytes quantizes on the move
+
+
+def build_providers(shape, dtype, device, dropout, base_kind="16bit") -> dict[str, nn.Module]:
+    """Every provider over the same frozen weight and the same (non-zero) LoRA factors; with
+    ``base_kind="nf4"`` the frozen weight is a bitsandbytes NF4 ``Linear4bit`` for all of them
+    (``linear`` is bitsandbytes' layer alone, ``peft`` peft's QLoRA layer over it)."""
     m, k, n, r = shape
     gen = torch.Generator().manual_seed(0)
     base = nn.Linear(k, n, device=device, dtype=dtype).requires_grad_(False)
+    if base_kind == "nf4":
+        base = quantized_base(base, dtype, device)
     lora_A = (torch.randn(k, r, generator=gen) / math.sqrt(k)).to(device, dtype)
     lora_B = (torch.randn(r, n, generator=gen) / math.sqrt(r)).to(device, dtype)
     alpha = 2 * r
-    ours = LoRALayer.from_linear(copy.deepcopy(base), rank=r, alpha=alpha, dropout=dropout)
+    ours = LoRALayer.from_linear(
+        copy.deepcopy(base), rank=r, alpha=alpha, dropout=dropout, adapter_dtype=dtype
+    )
     with torch.no_grad():
         ours.lora_A.copy_(lora_A)
         ours.lora_B.copy_(lora_B)
@@ -103,13 +125,19 @@ def build_providers(shape, dtype, device, dropout) -> dict[str, nn.Module]:
         return providers
     model = nn.Sequential()
     model.add_module("proj", copy.deepcopy(base))
+    model.is_loaded_in_4bit = base_kind == "nf4"  # as transformers marks it: peft's bnb layer
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"])
     peft_model = get_peft_model(model, config)
     layer = peft_model.base_model.model.proj
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(lora_A.t())
         layer.lora_B["default"].weight.copy_(lora_B.t())
-    providers["peft"] = peft_model.to(device, dtype)
+    if base_kind == "nf4":  # the adapters only: a 4-bit weight is not cast
+        layer.lora_A.to(device, dtype)
+        layer.lora_B.to(device, dtype)
+        providers["peft"] = peft_model
+    else:
+        providers["peft"] = peft_model.to(device, dtype)
     return providers
 
 
@@ -167,9 +195,9 @@ def time_cuda(providers, mode, xs, dy, reps) -> dict[str, float]:
     return out
 
 
-def run_config(shape, dtype, device, dropout, reps, warmup) -> list[dict]:
+def run_config(shape, dtype, device, dropout, reps, warmup, base_kind="16bit") -> list[dict]:
     m, k, n, r = shape
-    providers = build_providers(shape, dtype, device, dropout)
+    providers = build_providers(shape, dtype, device, dropout, base_kind)
     gen = torch.Generator().manual_seed(1)
     xs = [
         torch.randn(m, k, generator=gen).to(device, dtype).requires_grad_(True)
@@ -215,12 +243,14 @@ def run_config(shape, dtype, device, dropout, reps, warmup) -> list[dict]:
                     "N": n,
                     "r": r,
                     "dtype": str(dtype).replace("torch.", ""),
+                    "base": base_kind,
                     "dropout": dropout,
                     "mode": mode,
                     "provider": name,
                     "median_ms": seconds * 1e3,
                     "tflops": flops / seconds / 1e12,
-                    "gbps": nbytes / seconds / 1e9,
+                    # the roofline's byte model is for 16-bit and fp32 weights only
+                    "gbps": nbytes / seconds / 1e9 if base_kind == "16bit" else None,
                     "vs_linear": seconds / times["linear"],
                     "vs_peft": seconds / times["peft"] if "peft" in times else None,
                     "saved_bytes": memory[name]["saved_bytes"],
@@ -263,10 +293,12 @@ def format_rows(rows) -> str:
     lines = [head]
     for r in rows:
         vs_peft = f"{r['vs_peft']:7.2f}x" if r["vs_peft"] is not None else f"{'-':>8}"
+        gbps = f"{r['gbps']:7.1f}" if r.get("gbps") is not None else f"{'-':>7}"
+        dtype = r["dtype"] if r.get("base", "16bit") == "16bit" else f"{r['base']}/{r['dtype']}"
         lines.append(
-            f"{r['M']:5d} {r['K']:5d} {r['N']:5d} {r['r']:3d} {r['dtype']:8} {r['dropout']:4.1f} "
+            f"{r['M']:5d} {r['K']:5d} {r['N']:5d} {r['r']:3d} {dtype:8} {r['dropout']:4.1f} "
             f"{r['mode']:8} {r['provider']:13} {r['median_ms']:9.3f} {r['tflops']:8.3f} "
-            f"{r['gbps']:7.1f} {r['vs_linear']:8.2f}x {vs_peft} "
+            f"{gbps} {r['vs_linear']:8.2f}x {vs_peft} "
             f"{r['saved_bytes'] / 2**20:9.2f} {r['saved_beyond_x'] / 2**20:9.2f}"
         )
     return "\n".join(lines)
@@ -277,6 +309,7 @@ def check_targets(rows, device, device_name: str = "") -> list[str]:
     GPU at the target shape in bf16 (when the run includes it); memory on every row."""
     lines = []
     ours = [r for r in rows if r["provider"] == "lora_kernels" and r["mode"] == "fwd+bwd"]
+    ours = [r for r in ours if r.get("base", "16bit") == "16bit"]  # the targets' base
     if not ours:
         return lines
     if device.type == "cpu":
@@ -329,6 +362,9 @@ def predictions() -> str:
                 f" >= 1.4x faster than peft: predicted {row['vs_linear']:.2f}x linear, "
                 f"{1 / row['vs_peft']:.2f}x faster than peft"
             )
+    nf4 = [roofline.Shape(m, k, n, r, dropout=p, base="nf4") for p in DROPOUTS]
+    out.append("PREDICTION, over a bitsandbytes NF4 base (each use of W dequantized first):")
+    out.append(roofline.format_rows(roofline.table(nf4, modes=("fwd+bwd",))))
     return "\n".join(out)
 
 
@@ -413,6 +449,13 @@ def main(argv=None) -> int:
         action="append",
         help="bfloat16, float16 or float32 instead of the device's default (repeatable)",
     )
+    parser.add_argument(
+        "--base",
+        choices=BASES,
+        action="append",
+        help="the frozen base: 16bit (nn.Linear, the default) or nf4 (bitsandbytes' Linear4bit, "
+        "the QLoRA base; needs bitsandbytes); repeatable",
+    )
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results directory")
     parser.add_argument("--name", default=None, help="file stem of the JSON / PNG results")
@@ -435,11 +478,12 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"bench_{device.type}"
     rows = []
-    for shape in shapes:
-        for dtype in dtypes:
-            for dropout in DROPOUTS:
-                rows += run_config(shape, dtype, device, dropout, reps, warmup)
-                _write_json(args.out / f"{stem}.json", env, rows)
+    for base_kind in args.base or ("16bit",):
+        for shape in shapes:
+            for dtype in dtypes:
+                for dropout in DROPOUTS:
+                    rows += run_config(shape, dtype, device, dropout, reps, warmup, base_kind)
+                    _write_json(args.out / f"{stem}.json", env, rows)
     print(format_rows(rows))
     print("\n".join(check_targets(rows, device, env["device_name"])))
     print()

@@ -3,7 +3,7 @@
 ``y = x W^T + b + scaling * (dropout(x) A) B``
 """
 
-from . import adapters, function, reference, torch_path  # noqa: F401  (public submodules; triton_path,
+from . import adapters, function, quant, reference, torch_path  # noqa: F401  (public submodules; triton_path,
 
 # kernels, inspect and roofline import on demand: triton is not needed to import the package)
 from .adapters import (

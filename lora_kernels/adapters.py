@@ -78,6 +78,16 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _peft_4bit_linears() -> tuple[type, ...]:
+    """peft's LoRA layer over bitsandbytes' ``Linear4bit``, where bitsandbytes is installed."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:
+        return ()
+    return (Linear4bit,)
+
+
 def _adapted(linear: nn.Linear, lora_A: torch.Tensor, lora_B: torch.Tensor, **kwargs) -> LoRALayer:
     """A ``LoRALayer`` around ``linear`` carrying peft-layout weights ``lora_A`` ``(r, in)`` and
     ``lora_B`` ``(out, r)``, in ``linear``'s train / eval mode."""
@@ -287,6 +297,7 @@ def from_peft(peft_model) -> nn.Module:
     from peft.tuners.tuners_utils import BaseTuner
     from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 
+    linears = (PeftLinear, *_peft_4bit_linears())
     # Peel peft's wrappers (PeftModel -> LoraModel -> the model); a model with peft layers
     # injected by hand (peft's inject_adapter_in_model) has none.
     model, wrappers = peft_model, []
@@ -318,10 +329,10 @@ def from_peft(peft_model) -> nn.Module:
             continue
         if not isinstance(module, PeftLoraLayer) or _under(name, to_save):
             continue
-        if not isinstance(module, PeftLinear) or not isinstance(module.base_layer, nn.Linear):
+        if not isinstance(module, linears) or not isinstance(module.base_layer, nn.Linear):
             raise ValueError(
                 f"{where}: LoRA on {type(module.get_base_layer()).__name__} is not supported "
-                "(only nn.Linear)"
+                "(only nn.Linear and bitsandbytes' Linear4bit)"
             )
         adapters = list(module.active_adapters)
         if len(adapters) != 1:

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from . import torch_path
+from . import quant, torch_path
 
 BACKENDS = ("auto", "triton", "torch")
 # The device types "auto" runs the kernels on. Tests add "cpu" under TRITON_INTERPRET=1, where the
@@ -212,7 +212,10 @@ def autocast_base(x: object, weight: object, bias: object) -> tuple:
     cast = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
     if cast is None:
         return x, weight, bias
-    return tuple(_autocast(t, cast) for t in (x, weight, bias))
+    # NOTE: a 4-bit weight stays as it is (a float quant_storage holds codes, not values): it is
+    # dequantized to x's dtype, which autocast sets.
+    packed = quant.is_4bit(weight)
+    return _autocast(x, cast), weight if packed else _autocast(weight, cast), _autocast(bias, cast)
 
 
 def draw_seed() -> torch.Tensor:
@@ -262,6 +265,10 @@ class LoRALinearFunction(torch.autograd.Function):
         x, weight, bias = autocast_base(x, weight, bias)
         cast_here = any(a is not b for a, b in zip((x, weight, bias), originals))
         requested = backend
+        packed = None  # a 4-bit base weight: dequantized for each use, never kept
+        if quant.is_4bit(weight):
+            quant.check(weight)
+            packed, weight = weight, _stand_in(weight, x)
         backend = validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
         scaling, dropout_p = float(scaling), float(dropout_p)
         # NOTE: a Python bool even where torch.compile(dynamic=True) makes the layer's float
@@ -294,6 +301,8 @@ class LoRALinearFunction(torch.autograd.Function):
                 backend, plan = "torch", None
             elif plan is None:
                 plan = triton_path.plan_string(x2.device, x2.dtype, rank, dropout)
+        if packed is not None:  # the weight's one transient buffer, in x's dtype
+            weight = _dequantize(packed, x.dtype, backend == "triton")
         if backend == "triton":
             y2, S = triton_path.forward_op(
                 x2, weight, bias, lora_A, lora_B, scaling, dropout_p, _seed_tensor(seed), plan,
@@ -304,7 +313,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
         ctx.save_for_backward(
             x if (need_a or need_w) else None,
-            weight,
+            weight if packed is None else None,
             lora_A,
             lora_B,
             S if need_lb else None,
@@ -312,6 +321,7 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.x_shape = x.shape
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.plan = scaling, dropout_p, seed, plan
         ctx.cast_here = cast_here
+        ctx.packed = packed  # a parameter (the 4-bit weight), not an activation
         out_shape = (*x.shape[:-1], n_out)
         if y2.shape == out_shape:
             return y2
@@ -323,6 +333,13 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, S = ctx.saved_tensors
+        if ctx.packed is not None:  # dequantized again where dx needs it (4-bit bases are frozen)
+            packed = ctx.packed
+            weight = (
+                _dequantize(packed, dy.dtype, ctx.plan is not None)
+                if ctx.needs_input_grad[0]
+                else _stand_in(packed, dy)
+            )
         k_in, n_out = weight.shape[1], weight.shape[0]
         dy2 = dy.reshape(-1, n_out)
         x2 = None if x is None else x.reshape(-1, k_in)
@@ -344,6 +361,23 @@ class LoRALinearFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)
         return dx, dw, db, da, dlb, None, None, None, None
+
+
+def _dequantize(packed: torch.Tensor, dtype: torch.dtype, triton: bool) -> torch.Tensor:
+    """A 4-bit weight as ``(N, K)`` of ``dtype``: by our Triton kernel on the Triton path, by
+    PyTorch ops on the torch path (the same math, bit for bit)."""
+    if triton:
+        from .kernels import dequant
+
+        return dequant.dequantize(packed, dtype)
+    return quant.dequantize(packed, dtype)
+
+
+def _stand_in(packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A zero-stride ``(N, K)`` tensor of ``like``'s dtype on the 4-bit weight's device: what
+    validation reads of a base weight (shape, dtype, device) without its memory."""
+    n, k = quant.shape(packed)
+    return torch.zeros((), dtype=like.dtype, device=packed.device).expand(n, k)
 
 
 def _check_double_backward(ctx, x_dropped: bool) -> None:
@@ -384,7 +418,9 @@ def lora_linear(
 
     Args:
         x: ``(..., K)`` input of any leading shape.
-        weight: ``(N, K)`` base weight (``nn.Linear.weight``), ``x``'s dtype.
+        weight: ``(N, K)`` base weight (``nn.Linear.weight``), ``x``'s dtype; or a frozen
+            bitsandbytes 4-bit weight (``Params4bit``, its ``quant_state`` giving ``(N, K)``),
+            dequantized to ``x``'s dtype for each use and never kept.
         bias: ``(N,)`` base bias or ``None``, ``x``'s dtype.
         lora_A: ``(K, r)`` LoRA down-projection; its dtype may differ from ``x``'s (it is cast
             to ``x``'s for the computation, and its gradient comes back in its own).

@@ -11,7 +11,8 @@ short keeps what it measured. A stage whose estimated cost would take the run pa
 1. ``correctness``: every launch the layer makes, against the float64 reference, output and
    every gradient, over bfloat16, float16 and float32 with TF32 off and on, dropout 0 and 0.1,
    ranks 8, 16 and 64, and six shapes (odd ones included); two backward runs must be bitwise
-   identical.
+   identical. Then over a synthetic NF4 base (``CHECK_4BIT_SHAPES``, 16-bit precisions): our
+   dequantization kernel bit-equal to the torch path's, the layer against the reference.
 2. ``target``: M=8192, K=N=4096, r=16, bfloat16, forward + backward: the fused kernels on the
    tables, the tuned layer, the torch path, peft and the frozen ``nn.Linear``; times, ratios,
    peak memory, and the targets beside them; and the fused kernels alone on the tables' plan
@@ -40,6 +41,7 @@ import platform
 import subprocess
 import sys
 import time
+import types
 import zlib
 from collections.abc import Callable
 from typing import NamedTuple
@@ -47,7 +49,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import triton_path, tune
+from . import quant, triton_path, tune
 from .dropout import drawn_mask
 from .function import lora_linear
 from .reference import lora_linear_reference, relative_errors
@@ -75,6 +77,9 @@ CHECK_SHAPES = [
     ((2, 257), 4096, 1024),
 ]
 GRADS = ("x", "weight", "bias", "lora_A", "lora_B")
+# 4-bit bases (docs/qlora.md): a synthetic NF4 weight (random codes and scales: the GPU machine
+# has no bitsandbytes), in each precision, dropout and the first rank, over these shapes.
+CHECK_4BIT_SHAPES = [((17,), 96, 80), ((3, 127), 200, 300), ((1000,), 1024, 4096)]
 # Worker processes for the correctness cases: compiling is the cost, and it is CPU work.
 CHECK_JOBS = min(8, os.cpu_count() or 1)
 
@@ -127,17 +132,85 @@ def check_case(device, dtype, tf32: bool, rank: int, p: float, lead, k: int, n: 
     return {"errors": errors, "deterministic": deterministic}
 
 
-def _checked(device, name, dtype, tf32, tol, rank, p, lead, k, n) -> dict:
-    """``check_case`` as one JSON row; a failure to run is recorded, not raised."""
-    case = {"dtype": name, "dropout": p, "rank": rank, "shape": [*lead, k, n]}
+def synthetic_4bit(n: int, k: int, device, dtype, gen, blocksize: int = 64) -> torch.Tensor:
+    """A packed NF4 ``(n, k)`` weight in bitsandbytes' format (random codes, fp32 scales, no
+    double quantization), carrying the ``quant_state`` fields ``lora_kernels.quant`` reads."""
+    packed = torch.randint(0, 256, ((n * k + 1) // 2,), generator=gen, dtype=torch.uint8)
+    scales = torch.rand(-(-n * k // blocksize), generator=gen) * 0.1 / math.sqrt(k) + 1e-3
+    packed = packed.to(device)
+    packed.quant_state = types.SimpleNamespace(
+        shape=torch.Size([n, k]), blocksize=blocksize, quant_type="nf4",
+        absmax=scales.to(device), nested=False, dtype=dtype,
+    )  # fmt: skip
+    return packed
+
+
+def check_4bit_case(device, dtype, tf32: bool, rank: int, p: float, lead, k: int, n: int) -> dict:
+    """One call over a 4-bit base on the Triton path (our dequantization kernel, then the fused
+    kernels) against the float64 reference on the torch path's dequantized weight, which the
+    kernel's must equal bit for bit; and its determinism."""
+    from .kernels import dequant
+
+    gen = torch.Generator().manual_seed(
+        zlib.crc32(repr(("nf4", dtype, rank, p, lead, k, n)).encode())
+    )
+
+    def rand(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(device, dtype)
+
+    weight = synthetic_4bit(n, k, device, dtype, gen)
+    exact = quant.dequantize(weight, dtype)
+    bitwise = torch.equal(
+        dequant.dequantize(weight, dtype).view(torch.uint8), exact.view(torch.uint8)
+    )
+    inputs = {
+        "x": rand(*lead, k),
+        "bias": rand(n),
+        "lora_A": rand(k, rank, std=k**-0.5),
+        "lora_B": rand(rank, n, std=rank**-0.5),
+    }
+    dy = rand(*lead, n)
+    seed, scaling = 1234, 0.5
+    runs = []
+    for _ in range(2):
+        leaves = {a: t.clone().requires_grad_(True) for a, t in inputs.items()}
+        x, bias, lora_A, lora_B = leaves.values()
+        y = lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=p, seed=seed,
+                        backend="triton")  # fmt: skip
+        y.backward(dy)
+        runs.append((y.detach(), {a: t.grad for a, t in leaves.items()}))
+    mask = None
+    if p > 0:
+        m = math.prod(lead)
+        mask = drawn_mask(m, k, p, seed, "triton", device).reshape(*lead, k).double()
+    ref = {a: t.double().requires_grad_(True) for a, t in inputs.items()}
+    y_ref = lora_linear_reference(
+        ref["x"], exact.double(), ref["bias"], ref["lora_A"], ref["lora_B"], scaling,
+        dropout_mask=mask, dropout_p=p,
+    )  # fmt: skip
+    y_ref.backward(dy.double())
+    (y, grads), (y2, grads2) = runs
+    errors = {"y": _worst(y, y_ref)}
+    errors.update({f"d{a}": _worst(grads[a], ref[a].grad) for a in inputs})
+    deterministic = torch.equal(y, y2) and all(torch.equal(grads[a], grads2[a]) for a in inputs)
+    return {"errors": errors, "deterministic": deterministic, "dequant_bitwise": bitwise}
+
+
+def _checked(device, name, dtype, tf32, tol, rank, p, lead, k, n, base="16bit") -> dict:
+    """``check_case`` (``check_4bit_case`` for ``base="nf4"``) as one JSON row; a failure to run
+    is recorded, not raised."""
+    case = {"dtype": name, "dropout": p, "rank": rank, "shape": [*lead, k, n], "base": base}
     try:
-        result = check_case(device, dtype, tf32, rank, p, lead, k, n)
+        check = check_4bit_case if base == "nf4" else check_case
+        result = check(device, dtype, tf32, rank, p, lead, k, n)
     except Exception as e:  # noqa: BLE001  (recorded: the other cases still run)
         case.update(error=f"{type(e).__name__}: {e}"[:500], passed=False)
     else:
         worst = max(result["errors"].values())
         case.update(result, tolerance=tol, worst=worst)
-        case["passed"] = worst <= tol and result["deterministic"]
+        case["passed"] = (
+            worst <= tol and result["deterministic"] and result.get("dequant_bitwise", True)
+        )
     return case
 
 
@@ -149,16 +222,25 @@ def stage_correctness(
     precisions=PRECISIONS,
     jobs: int = 1,
     time_cap_s: float | None = None,
+    four_bit_shapes=CHECK_4BIT_SHAPES,
 ) -> dict:
-    """Every case of the product; ``jobs`` worker processes share them (compiling the kernels
-    of about 400 specializations is most of the cost, and it runs on the CPU). Cases not started
-    within ``time_cap_s`` are recorded as not run."""
+    """Every case of the product, then the 4-bit base's cases (16-bit precisions only, the first
+    rank); ``jobs`` worker processes share them (compiling the kernels of about 400
+    specializations is most of the cost, and it runs on the CPU). Cases not started within
+    ``time_cap_s`` are recorded as not run."""
     todo = [
         (name, dtype, tf32, tol, rank, p, lead, k, n)
         for name, dtype, tf32, tol in precisions
         for p in dropouts
         for rank in ranks
         for lead, k, n in shapes
+    ]
+    todo += [
+        (name, dtype, tf32, tol, ranks[0], p, lead, k, n, "nf4")
+        for name, dtype, tf32, tol in precisions
+        if dtype != torch.float32
+        for p in dropouts
+        for lead, k, n in four_bit_shapes
     ]
     deadline = None if time_cap_s is None else time.perf_counter() + time_cap_s
     results: list[dict | None] = [None] * len(todo)
@@ -183,6 +265,7 @@ def stage_correctness(
     cases = [r for r in results if r is not None]
     not_run = [
         {"dtype": a[0], "dropout": a[5], "rank": a[4], "shape": [*a[6], a[7], a[8]]}
+        | {"base": a[9] if len(a) > 9 else "16bit"}
         for a, r in zip(todo, results)
         if r is None
     ]

@@ -191,6 +191,22 @@ def analyse_cubin(cubin: bytes) -> dict:
     }
 
 
+def dequant_launches(dtype: torch.dtype, blocksize: int = 64) -> list:
+    """The launch that dequantizes a 4-bit ``(N, K)`` base weight into ``dtype`` (a QLoRA
+    layer's forward makes one, its backward one more for dx; the fused kernels then run as over a
+    16-bit base)."""
+    from .kernels import dequant
+    from .kernels.common import capture_launches
+
+    meta = {"device": "meta"}
+    packed = torch.empty(N * K // 2, dtype=torch.uint8, **meta)
+    scales = torch.empty(N * K // blocksize, dtype=torch.float32, **meta)
+    code, out = torch.empty(16, dtype=torch.float32, **meta), torch.empty(N, K, dtype=dtype, **meta)
+    with capture_launches() as launches:
+        dequant.launch_dequant(packed, scales, code, out, blocksize)
+    return launches
+
+
 def inspect_group(
     arch: str,
     dtype_name: str,
@@ -198,13 +214,20 @@ def inspect_group(
     dropout_p: float,
     dump: str | None = None,
     candidates: bool = False,
+    base: str = "16bit",
 ) -> list[dict]:
     """One row per kernel launched by a forward + backward at ``(arch, dtype, rank, dropout)``;
     with ``candidates``, also one for each of the tuner's alternatives (``tune.candidates``),
-    which change one launch's config each: that launch is built again."""
+    which change one launch's config each: that launch is built again. With ``base="nf4"``: the
+    4-bit base's dequantization launch (the rest is built as for a 16-bit base)."""
     from . import tune
 
     dtype = DTYPES[dtype_name]
+    if base == "nf4":
+        return [
+            _inspect_launch(launch, arch, dtype_name, rank, dropout_p, "nf4", dump)
+            for launch in dequant_launches(dtype)
+        ]
     plans = [("tables", None)]
     if candidates:
         plans = tune.candidates(table_plan(arch, dtype, rank, dropout_p), dropout_p > 0.0)
@@ -257,13 +280,17 @@ def inspect_builds(
     dump: str | None = None,
     jobs: int = 1,
     candidates: bool = False,
+    base: str = "16bit",
 ) -> list[dict]:
     """Rows for every (arch, dtype, rank, dropout) group, compiled ``jobs`` groups at a time
-    (with ``candidates``: the tuner's whole candidate space too)."""
+    (with ``candidates``: the tuner's whole candidate space too; with ``base="nf4"``: the 4-bit
+    dequantization launch, once per arch and dtype)."""
+    if base == "nf4":
+        ranks, dropouts = ranks[:1], dropouts[:1]  # the launch depends on neither
     groups = [(a, d, r, p) for a in archs for d in dtypes for r in ranks for p in dropouts]
-    extra = ([dump] * len(groups), [candidates] * len(groups))
+    extra = ([dump] * len(groups), [candidates] * len(groups), [base] * len(groups))
     if jobs <= 1:
-        results = [inspect_group(*g, dump, candidates) for g in groups]
+        results = [inspect_group(*g, dump, candidates, base) for g in groups]
     else:
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
@@ -306,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also build every alternative config the tuner measures (lora_kernels.tune)",
     )
+    parser.add_argument(
+        "--base",
+        choices=("16bit", "nf4"),
+        default="16bit",
+        help="nf4: build the 4-bit base's dequantization kernel instead (QLoRA; docs/qlora.md)",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
     parser.add_argument("--dump", metavar="DIR", help="write every cubin into DIR")
     parser.add_argument(
@@ -322,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dump,
         args.jobs,
         args.candidates,
+        args.base,
     )
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     return 0

@@ -8,6 +8,7 @@ import numbers
 import torch
 from torch import nn
 
+from . import quant
 from .function import SUPPORTED_DTYPES, lora_linear
 
 INITS = ("lora", "gaussian", "seed")
@@ -45,6 +46,21 @@ def lora_scaling(rank: int, alpha: float | None, use_rslora: bool) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a real number or None, got {type(alpha).__name__}")
     return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
+
+
+def _check_4bit_base(linear: nn.Linear) -> bool:
+    """Whether ``linear`` is a quantized bitsandbytes 4-bit linear; refuses one it can't take."""
+    weight = linear.weight
+    if type(weight).__name__ == "Params4bit" and not quant.is_4bit(weight):
+        raise ValueError(
+            f"{type(linear).__name__}'s 4-bit weight is not quantized yet (bitsandbytes "
+            "quantizes it when the layer moves to a device: call .to(device) first)"
+        )
+    if not quant.is_4bit(weight):
+        return False
+    quant.require_bitsandbytes("LoRALayer over a 4-bit base")
+    quant.check(weight)
+    return True
 
 
 class LoRALayer(nn.Module):
@@ -143,6 +159,11 @@ class LoRALayer(nn.Module):
 
         The linear's parameters are frozen in place; ``lora_A`` / ``lora_B`` are created on its
         device, with its dtype unless ``adapter_dtype`` says otherwise.
+
+        A bitsandbytes ``Linear4bit`` (QLoRA) is wrapped as it is, its packed weight neither
+        copied nor dequantized: each call dequantizes it (fp32 math, rounded once to the
+        compute dtype) for that call only. The base then computes in bitsandbytes' compute
+        dtype, as ``Linear4bit`` does, and the adapters default to float32, as in peft.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
@@ -159,11 +180,12 @@ class LoRALayer(nn.Module):
         self.dropout = _check_dropout(dropout)
         self.scaling = lora_scaling(rank, alpha, use_rslora)
         self.rank, self.alpha, self.use_rslora, self.init = rank, alpha, bool(use_rslora), init
+        four_bit = _check_4bit_base(linear)
         self.linear = linear
         self.linear.requires_grad_(False)
         factory_kwargs = {
             "device": linear.weight.device,
-            "dtype": adapter_dtype or linear.weight.dtype,
+            "dtype": adapter_dtype or (torch.float32 if four_bit else linear.weight.dtype),
         }
         self.lora_A = nn.Parameter(torch.empty(linear.in_features, rank, **factory_kwargs))
         self.lora_B = nn.Parameter(torch.empty(rank, linear.out_features, **factory_kwargs))
@@ -208,15 +230,22 @@ class LoRALayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.linear(x)
-        return lora_linear(
-            x,
-            self.linear.weight,
-            self.linear.bias,
-            self.lora_A,
-            self.lora_B,
-            self.scaling,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        weight, bias = self.linear.weight, self.linear.bias
+        dropout_p = self.dropout if self.training else 0.0
+        if not quant.is_4bit(weight):
+            return lora_linear(x, weight, bias, self.lora_A, self.lora_B, self.scaling,
+                               dropout_p=dropout_p)  # fmt: skip
+        # A 4-bit base computes in bitsandbytes' compute dtype, set from the first input as
+        # Linear4bit.forward sets it (its own rule), and gives x's dtype back.
+        base = self.linear
+        if not getattr(base, "compute_type_is_set", True):
+            base.set_compute_type(x)
+            base.compute_type_is_set = True
+        dtype = getattr(base, "compute_dtype", None) or x.dtype
+        bias = None if bias is None else bias.to(dtype)
+        y = lora_linear(x.to(dtype), weight, bias, self.lora_A, self.lora_B, self.scaling,
+                        dropout_p=dropout_p)  # fmt: skip
+        return y.to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """``s * (A B)^T``, the ``(out, in)`` update ``merge`` adds to the weight, computed in
@@ -230,6 +259,12 @@ class LoRALayer(nn.Module):
         float32, without changing anything. Raises ``RuntimeError`` if the result is not finite in
         the weight's dtype."""
         weight = self.linear.weight
+        if quant.is_4bit(weight):
+            raise RuntimeError(
+                "merge / unmerge on a 4-bit base (bitsandbytes Linear4bit) is not supported: "
+                "re-quantizing W + s (A B)^T to 4 bits would round most of the update away. "
+                "Save the adapter (save_peft_adapter) and merge it onto the 16-bit base model"
+            )
         delta = self.delta_weight()
         with torch.no_grad():
             result = torch.add(weight.to(delta.dtype), delta, alpha=sign).to(weight.dtype)

@@ -50,6 +50,13 @@ class Shape:
     rank: int  # r
     elem: int = 2  # bytes per element of x, W, y (bf16 / fp16)
     dropout: float = 0.0
+    base: str = "16bit"  # or "nf4": bitsandbytes' 4-bit base, dequantized before each use
+
+
+# A 4-bit base (docs/qlora.md): each use of W (forward's GEMM, backward's dx) first dequantizes it
+# into a 16-bit buffer, for every provider (bitsandbytes' matmul_4bit does, and so does our
+# Triton path): 0.5 byte of codes and 4 / 64 of decoded fp32 scales read, the buffer written.
+NF4_READ_PER_ELEM = 0.5 + 4 / 64
 
 
 def _gemm(m, n, k, elem, *, a=True, b=True, c_write=True, c_read=False):
@@ -119,6 +126,8 @@ def kernels(provider: str, shape: Shape, mode: str, gpu: str = "H100") -> list[t
             out.append(("lora_bwd_dB: T^T dY", 2 * 2 * m * n * rp, e * m * n + t_bytes))
     else:
         raise ValueError(f"unknown provider {provider!r}")
+    if shape.base == "nf4":
+        out.insert(0, ("dequant W (4-bit -> 16-bit)", 0, int(n * k * (NF4_READ_PER_ELEM + e))))
     return out
 
 
@@ -153,6 +162,7 @@ def table(shapes, gpus=("A100", "H100"), modes=("fwd", "bwd", "fwd+bwd")) -> lis
                             "N": shape.out_features,
                             "r": shape.rank,
                             "dropout": shape.dropout,
+                            "base": shape.base,
                             "mode": mode,
                             "provider": prov,
                             "time_ms": pr["time"] * 1e3,
@@ -167,12 +177,15 @@ def table(shapes, gpus=("A100", "H100"), modes=("fwd", "bwd", "fwd+bwd")) -> lis
 def format_rows(rows: list[dict]) -> str:
     head = f"{'gpu':5} {'M':>5} {'K':>6} {'N':>6} {'r':>3} {'drop':>4} {'mode':8} {'provider':13}"
     head += f" {'ms (pred.)':>10} {'vs linear':>9} {'vs peft':>8}"
+    if any(r.get("base", "16bit") != "16bit" for r in rows):
+        head += "  base"
     lines = [head]
     for r in rows:
+        base = "" if r.get("base", "16bit") == "16bit" else f"  {r['base']}"
         lines.append(
             f"{r['gpu']:5} {r['M']:5d} {r['K']:6d} {r['N']:6d} {r['r']:3d} {r['dropout']:4.1f} "
             f"{r['mode']:8} {r['provider']:13} {r['time_ms']:10.3f} {r['vs_linear']:8.2f}x "
-            f"{r['vs_peft']:7.2f}x"
+            f"{r['vs_peft']:7.2f}x{base}"
         )
     return "\n".join(lines)
 
@@ -185,8 +198,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", dest="n", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--base", choices=("16bit", "nf4"), default="16bit")
     args = parser.parse_args(argv)
-    shape = Shape(args.tokens, args.k, args.n, args.rank, dropout=args.dropout)
+    shape = Shape(args.tokens, args.k, args.n, args.rank, dropout=args.dropout, base=args.base)
     print("PREDICTION (roofline model, not a measurement): bf16, x requires grad, W frozen")
     print(format_rows(table([shape], args.gpu or ("A100", "H100"))))
     return 0

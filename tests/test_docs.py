@@ -1,4 +1,5 @@
-"""The examples in README.md and every code block of docs/usage.md run as written, offline."""
+"""The examples in README.md, every code block of docs/usage.md and docs/qlora.md's run as
+written, offline."""
 
 from __future__ import annotations
 
@@ -33,6 +34,15 @@ def test_readme_has_examples():
 @pytest.mark.parametrize("block", README_BLOCKS)
 def test_readme_example_runs(block):
     exec(compile(block, "README.md", "exec"), {})
+
+
+QLORA_BLOCKS = BLOCK.findall((ROOT / "docs" / "qlora.md").read_text())
+
+
+@pytest.mark.parametrize("block", QLORA_BLOCKS)
+def test_qlora_example_runs(block):
+    pytest.importorskip("bitsandbytes")
+    exec(compile(block, "docs/qlora.md", "exec"), {})
 
 
 def test_usage_covers_the_whole_model_api():

@@ -55,6 +55,7 @@ TINY_STAGES = [
             ranks=(8,),
             dropouts=(0.0, 0.1),
             precisions=[gpu_check.PRECISIONS[0], gpu_check.PRECISIONS[2]],
+            four_bit_shapes=[((3,), 24, 40)],
         ),
     ),
     gpu_check.Stage(
@@ -88,10 +89,15 @@ def test_every_stage_runs_and_writes_its_json(tmp_path, monkeypatch):
     assert on_disk["stages"] == summary["stages"] and on_disk["torch"] == torch.__version__
 
     correctness = json.loads((tmp_path / "out" / "correctness.json").read_text())
-    assert correctness["failed"] == 0 and correctness["passed"] == 8
+    # 8 cases over 16-bit bases, 2 over a 4-bit one (bfloat16 only: 4-bit bases compute in 16 bits)
+    assert correctness["failed"] == 0 and correctness["passed"] == 10
     for case in correctness["cases"]:
         assert case["deterministic"] and case["worst"] <= case["tolerance"]
-        assert set(case["errors"]) == {"y", "dx", "dweight", "dbias", "dlora_A", "dlora_B"}
+        grads = {"dx", "dbias", "dlora_A", "dlora_B"} | (
+            {"dweight"} if case["base"] == "16bit" else set()
+        )
+        assert set(case["errors"]) == {"y"} | grads
+    assert sum(c["base"] == "nf4" and c["dequant_bitwise"] for c in correctness["cases"]) == 2
 
     target = json.loads((tmp_path / "out" / "target.json").read_text())
     assert set(target["providers"]) >= {"fused_tables", "tuned", "torch_path", "linear", "peft"}
@@ -117,6 +123,7 @@ def test_a_failing_case_is_recorded_not_fatal(monkeypatch):
         ranks=(8,),
         dropouts=(0.0,),
         precisions=gpu_check.PRECISIONS[:1],
+        four_bit_shapes=[],
     )
     assert result["failed"] == 1 and "launch failed" in result["cases"][0]["error"]
 
@@ -143,6 +150,7 @@ def test_correctness_cases_in_worker_processes_and_the_time_cap():
         "ranks": (8,),
         "dropouts": (0.0, 0.1),
         "precisions": gpu_check.PRECISIONS[:1],
+        "four_bit_shapes": [],
     }
     pooled = gpu_check.stage_correctness(DEVICE, jobs=2, **kwargs)  # spawned, as on the GPU
     alone = gpu_check.stage_correctness(DEVICE, **kwargs)

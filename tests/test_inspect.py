@@ -141,3 +141,22 @@ def test_hopper_builds_load_through_tma(built):
     elif "sm_90" in group["archs"]:
         assert ("lora_bwd_dx", 0.1) not in on_tma
         assert {("lora_fwd", 0.0), ("lora_bwd_dx", 0.0), ("lora_fwd_t", 0.1)} <= on_tma
+
+
+def test_4bit_dequant_builds():
+    """The QLoRA base's dequantization kernel (docs/qlora.md) builds for Ampere and Hopper in
+    both 16-bit dtypes: no spills, no shared memory, one program per 1024 elements."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "lora_kernels.inspect", "--json", "--base", "nf4", "--jobs", "1"]
+    cmd += ["--arch", "sm_80", "--arch", "sm_90", "--dtype", "bfloat16", "--dtype", "float16"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    got = sorted((r["kernel"], r["arch"], r["dtype"]) for r in rows)
+    assert got == sorted(
+        ("dequant_4bit", a, d) for a in ("sm_80", "sm_90") for d in ("bfloat16", "float16")
+    )
+    for row in rows:
+        assert row["spills"] == 0 and 0 < row["registers"] <= 255
+        assert row["shared_bytes"] <= row["shared_limit"]
+        assert row["grid"] == [4096 * 4096 // 1024]

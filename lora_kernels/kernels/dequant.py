@@ -1,0 +1,77 @@
+"""bitsandbytes' 4-bit weights dequantized by a Triton kernel into one transient buffer.
+
+``W[i] = code[q_i] * absmax[i // blocksize]`` in fp32, rounded once to the output dtype
+(round-to-nearest-even, as ``Tensor.to``), where ``q_i`` is the high nibble of byte ``i // 2``
+for even ``i`` and the low one for odd ``i`` (``lora_kernels.quant`` has the format). The
+double-quantized scales are decoded first by ``quant.absmax`` (1/64 of the weight's elements at
+bitsandbytes' default blocksize). Each program writes ``BLOCK`` consecutive elements.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import quant
+from .common import alloc, launch, to_output
+
+BLOCK = 1024  # elements per program: 512 bytes read, 2 KiB of bf16 written
+
+
+@triton.jit
+def dequant_4bit_kernel(
+    packed_ptr,  # uint8, (total + 1) // 2
+    absmax_ptr,  # fp32, one per block of BLOCKSIZE elements
+    code_ptr,  # fp32, the 16-entry table
+    out_ptr,  # total elements of the output dtype
+    total,
+    BLOCKSIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    UPCAST: tl.constexpr,  # the interpreter with a bfloat16 output: to_output rounds to even
+):
+    # NOTE: int64 offsets: a weight can pass 2**31 elements (a 128k-vocabulary head).
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < total
+    byte = tl.load(packed_ptr + offs // 2, mask=inside, other=0).to(tl.int32)
+    q = tl.where(offs % 2 == 0, byte >> 4, byte & 15)
+    value = tl.load(code_ptr + q, mask=inside, other=0.0)
+    scale = tl.load(absmax_ptr + offs // BLOCKSIZE, mask=inside, other=0.0)
+    out = to_output(value * scale, out_ptr.dtype.element_ty, UPCAST)
+    tl.store(out_ptr + offs, out, mask=inside)
+
+
+def dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``W (N, K)`` in ``dtype`` from a bitsandbytes 4-bit ``weight``: ``quant.dequantize``'s
+    math, in one launch, into a new tensor (the caller's transient buffer)."""
+    state = weight.quant_state
+    packed = weight.detach().reshape(-1).view(torch.uint8)
+    code = torch.tensor(quant.CODES[state.quant_type], dtype=torch.float32, device=packed.device)
+    out = alloc(quant.shape(weight), dtype, packed.device)
+    launch_dequant(packed, quant.absmax(state).contiguous(), code, out, int(state.blocksize))
+    return out
+
+
+def launch_dequant(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    code: torch.Tensor,
+    out: torch.Tensor,
+    blocksize: int,
+) -> None:
+    """Fill ``out`` (contiguous, any shape) from ``packed`` bytes, fp32 ``scales`` per block of
+    ``blocksize`` elements and the 16-entry fp32 ``code``: one launch (recorded under
+    ``capture_launches``, which ``inspect`` compiles for GPUs)."""
+    total = out.numel()
+    if not total:
+        return
+    upcast = out.device.type == "cpu" and out.dtype == torch.bfloat16
+    meta = {
+        "BLOCKSIZE": blocksize,
+        "BLOCK": BLOCK,
+        "UPCAST": upcast,
+        "num_warps": 4,
+        "num_stages": 1,
+    }
+    args = (packed, scales, code, out, total)
+    launch("dequant_4bit", dequant_4bit_kernel, (triton.cdiv(total, BLOCK),), args, meta)
