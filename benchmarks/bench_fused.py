@@ -426,10 +426,10 @@ def parse_dtype(text: str) -> torch.dtype:
     return dtype
 
 
-def _write_json(path: pathlib.Path, env: dict, rows: list[dict]) -> None:
+def write_json(path: pathlib.Path, data) -> None:
     """Replace ``path`` atomically: a reader (or a run killed mid-write) never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(path)
 
 
@@ -483,7 +483,7 @@ def main(argv=None) -> int:
             for dtype in dtypes:
                 for dropout in DROPOUTS:
                     rows += run_config(shape, dtype, device, dropout, reps, warmup, base_kind)
-                    _write_json(args.out / f"{stem}.json", env, rows)
+                    write_json(args.out / f"{stem}.json", {"environment": env, "rows": rows})
     print(format_rows(rows))
     print("\n".join(check_targets(rows, device, env["device_name"])))
     print()

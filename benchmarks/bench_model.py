@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import pathlib
 import statistics
@@ -38,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is built or loa
 import torch  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # siblings, as a script
-from bench_fused import environment  # noqa: E402
+from bench_fused import environment, write_json  # noqa: E402
 from saved_memory import saved_bytes  # noqa: E402
 
 from lora_kernels import adapters, inject_lora  # noqa: E402
@@ -290,12 +289,6 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def _write_json(path: pathlib.Path, data) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -332,7 +325,7 @@ def main(argv=None) -> int:
         for dropout in args.dropout or (0.0, 0.1):
             workload = Workload(model, preset, dtype, device)
             results.append(run(workload, dropout, steps, warmup))
-            _write_json(args.out / f"{name}.json", {"environment": env, "results": results})
+            write_json(args.out / f"{name}.json", {"environment": env, "results": results})
             print(format_table(results[-1:]), flush=True)
     plot(results, args.out / f"{name}.png")
     print(f"\n{env['device_name']}, {dtype}, preset {preset}: {args.out / name}.json / .png")

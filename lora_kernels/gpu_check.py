@@ -76,7 +76,6 @@ CHECK_SHAPES = [
     ((1000,), 1024, 4096),
     ((2, 257), 4096, 1024),
 ]
-GRADS = ("x", "weight", "bias", "lora_A", "lora_B")
 # 4-bit bases (docs/qlora.md): a synthetic NF4 weight (random codes and scales: the GPU machine
 # has no bitsandbytes), in each precision, dropout and the first rank, over these shapes.
 CHECK_4BIT_SHAPES = [((17,), 96, 80), ((3, 127), 200, 300), ((1000,), 1024, 4096)]
@@ -86,50 +85,6 @@ CHECK_JOBS = min(8, os.cpu_count() or 1)
 
 def _worst(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(relative_errors(out, ref).max()) if ref.numel() else 0.0
-
-
-def check_case(device, dtype, tf32: bool, rank: int, p: float, lead, k: int, n: int) -> dict:
-    """One layer call on the Triton path against the float64 reference, and its determinism."""
-    gen = torch.Generator().manual_seed(
-        zlib.crc32(repr((dtype, tf32, rank, p, lead, k, n)).encode())
-    )
-
-    def rand(*shape, std=1.0):
-        # rounded to dtype here: the reference computes on exactly the kernels' inputs
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(device, dtype)
-
-    inputs = {
-        "x": rand(*lead, k),
-        "weight": rand(n, k, std=k**-0.5),
-        "bias": rand(n),
-        "lora_A": rand(k, rank, std=k**-0.5),
-        "lora_B": rand(rank, n, std=rank**-0.5),
-    }
-    dy = rand(*lead, n)
-    seed, scaling = 1234, 0.5
-    tf32_before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
-        runs = []
-        for _ in range(2):
-            leaves = {a: t.clone().requires_grad_(True) for a, t in inputs.items()}
-            y = lora_linear(*leaves.values(), scaling, dropout_p=p, seed=seed, backend="triton")
-            y.backward(dy)
-            runs.append((y.detach(), {a: t.grad for a, t in leaves.items()}))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32_before
-    mask = None
-    m = math.prod(lead)
-    if p > 0:
-        mask = drawn_mask(m, k, p, seed, "triton", device).reshape(*lead, k).double()
-    ref = {a: t.double().requires_grad_(True) for a, t in inputs.items()}
-    y_ref = lora_linear_reference(*ref.values(), scaling, dropout_mask=mask, dropout_p=p)
-    y_ref.backward(dy.double())
-    (y, grads), (y2, grads2) = runs
-    errors = {"y": _worst(y, y_ref)}
-    errors.update({f"d{a}": _worst(grads[a], ref[a].grad) for a in GRADS})
-    deterministic = torch.equal(y, y2) and all(torch.equal(grads[a], grads2[a]) for a in GRADS)
-    return {"errors": errors, "deterministic": deterministic}
 
 
 def synthetic_4bit(n: int, k: int, device, dtype, gen, blocksize: int = 64) -> torch.Tensor:
@@ -145,64 +100,75 @@ def synthetic_4bit(n: int, k: int, device, dtype, gen, blocksize: int = 64) -> t
     return packed
 
 
-def check_4bit_case(device, dtype, tf32: bool, rank: int, p: float, lead, k: int, n: int) -> dict:
-    """One call over a 4-bit base on the Triton path (our dequantization kernel, then the fused
-    kernels) against the float64 reference on the torch path's dequantized weight, which the
-    kernel's must equal bit for bit; and its determinism."""
+def check_case(
+    device, dtype, tf32: bool, rank: int, p: float, lead, k: int, n: int, base: str = "16bit"
+) -> dict:
+    """One layer call on the Triton path against the float64 reference, and its determinism.
+
+    ``base="nf4"``: over a synthetic 4-bit weight (our dequantization kernel, then the fused
+    kernels), the reference on the torch path's dequantized weight, which the kernel's must equal
+    bit for bit (``dequant_bitwise``); no weight gradient."""
     from .kernels import dequant
 
-    gen = torch.Generator().manual_seed(
-        zlib.crc32(repr(("nf4", dtype, rank, p, lead, k, n)).encode())
+    key = (
+        (dtype, tf32, rank, p, lead, k, n)
+        if base == "16bit"
+        else (base, dtype, rank, p, lead, k, n)
     )
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
     def rand(*shape, std=1.0):
+        # rounded to dtype here: the reference computes on exactly the kernels' inputs
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(device, dtype)
 
-    weight = synthetic_4bit(n, k, device, dtype, gen)
-    exact = quant.dequantize(weight, dtype)
-    bitwise = torch.equal(
-        dequant.dequantize(weight, dtype).view(torch.uint8), exact.view(torch.uint8)
-    )
-    inputs = {
-        "x": rand(*lead, k),
-        "bias": rand(n),
-        "lora_A": rand(k, rank, std=k**-0.5),
-        "lora_B": rand(rank, n, std=rank**-0.5),
-    }
+    result = {}
+    packed = synthetic_4bit(n, k, device, dtype, gen) if base == "nf4" else None
+    inputs = {"x": rand(*lead, k)}
+    if packed is None:
+        inputs["weight"] = rand(n, k, std=k**-0.5)
+    else:
+        exact = quant.dequantize(packed, dtype)
+        kernel = dequant.dequantize(packed, dtype)
+        result["dequant_bitwise"] = torch.equal(kernel.view(torch.uint8), exact.view(torch.uint8))
+    inputs.update(bias=rand(n), lora_A=rand(k, rank, std=k**-0.5))
+    inputs["lora_B"] = rand(rank, n, std=rank**-0.5)
     dy = rand(*lead, n)
     seed, scaling = 1234, 0.5
-    runs = []
-    for _ in range(2):
-        leaves = {a: t.clone().requires_grad_(True) for a, t in inputs.items()}
-        x, bias, lora_A, lora_B = leaves.values()
-        y = lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=p, seed=seed,
-                        backend="triton")  # fmt: skip
-        y.backward(dy)
-        runs.append((y.detach(), {a: t.grad for a, t in leaves.items()}))
+
+    tf32_before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        runs = []
+        for _ in range(2):
+            leaves = {a: t.clone().requires_grad_(True) for a, t in inputs.items()}
+            x, weight = leaves["x"], leaves.get("weight", packed)
+            y = lora_linear(x, weight, leaves["bias"], leaves["lora_A"], leaves["lora_B"], scaling,
+                            dropout_p=p, seed=seed, backend="triton")  # fmt: skip
+            y.backward(dy)
+            runs.append((y.detach(), {a: t.grad for a, t in leaves.items()}))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32_before
     mask = None
     if p > 0:
         m = math.prod(lead)
         mask = drawn_mask(m, k, p, seed, "triton", device).reshape(*lead, k).double()
     ref = {a: t.double().requires_grad_(True) for a, t in inputs.items()}
-    y_ref = lora_linear_reference(
-        ref["x"], exact.double(), ref["bias"], ref["lora_A"], ref["lora_B"], scaling,
-        dropout_mask=mask, dropout_p=p,
-    )  # fmt: skip
+    weight = ref["weight"] if packed is None else exact.double()
+    y_ref = lora_linear_reference(ref["x"], weight, ref["bias"], ref["lora_A"], ref["lora_B"],
+                                  scaling, dropout_mask=mask, dropout_p=p)  # fmt: skip
     y_ref.backward(dy.double())
     (y, grads), (y2, grads2) = runs
     errors = {"y": _worst(y, y_ref)}
     errors.update({f"d{a}": _worst(grads[a], ref[a].grad) for a in inputs})
     deterministic = torch.equal(y, y2) and all(torch.equal(grads[a], grads2[a]) for a in inputs)
-    return {"errors": errors, "deterministic": deterministic, "dequant_bitwise": bitwise}
+    return {"errors": errors, "deterministic": deterministic, **result}
 
 
 def _checked(device, name, dtype, tf32, tol, rank, p, lead, k, n, base="16bit") -> dict:
-    """``check_case`` (``check_4bit_case`` for ``base="nf4"``) as one JSON row; a failure to run
-    is recorded, not raised."""
+    """``check_case`` as one JSON row; a failure to run is recorded, not raised."""
     case = {"dtype": name, "dropout": p, "rank": rank, "shape": [*lead, k, n], "base": base}
     try:
-        check = check_4bit_case if base == "nf4" else check_case
-        result = check(device, dtype, tf32, rank, p, lead, k, n)
+        result = check_case(device, dtype, tf32, rank, p, lead, k, n, base)
     except Exception as e:  # noqa: BLE001  (recorded: the other cases still run)
         case.update(error=f"{type(e).__name__}: {e}"[:500], passed=False)
     else:

@@ -95,11 +95,16 @@ def absmax(state) -> torch.Tensor:
     return decoded.mul_(scales).add_(state.offset)
 
 
+def code_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The 16 fp32 values of ``quant_type``'s codes, on ``device``."""
+    return torch.tensor(CODES[quant_type], dtype=torch.float32, device=device)
+
+
 def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
     """``(256,)`` int64: the two fp32 elements each byte encodes (high nibble first), as the
     bits of one 64-bit word, so one gather per byte decodes both: ``index_select`` of 64-bit
     words measured 0.54 ms per 2**19 bytes on our CPU, of ``(256, 2)`` fp32 rows 1.37 ms."""
-    code = torch.tensor(CODES[quant_type], dtype=torch.float32, device=device)
+    code = code_table(quant_type, device)
     byte = torch.arange(256, device=device)
     return torch.stack((code[byte >> 4], code[byte & 15]), dim=1).view(torch.int64).view(-1)
 

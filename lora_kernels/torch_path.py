@@ -26,15 +26,15 @@ from .dropout import drop_positions, keep_mask
 BLOCK_ELEMS = 2**20
 
 
-def _block_rows(x: torch.Tensor, k: int) -> int:
-    """Rows per dropout block: all of them on GPU and under torch.compile (which fuses anyway)."""
-    if not _eager_cpu(x):
-        return x.shape[0]
-    return max(1, BLOCK_ELEMS // max(k, 1))
-
-
 def _eager_cpu(x: torch.Tensor) -> bool:
+    """Whether dropout runs in blocks of rows: on GPU and under torch.compile (which fuses
+    anyway) the whole of ``x`` is multiplied by the bool mask instead."""
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _block_rows(k: int) -> int:
+    """Rows per eager CPU dropout block, for ``x`` of ``k`` columns."""
+    return max(1, BLOCK_ELEMS // max(k, 1))
 
 
 def _dropped_blocks(m: int, k: int, rows: int, p: float, seed: int):
@@ -70,7 +70,7 @@ def forward(
         if not _eager_cpu(x):
             S = (x * keep_mask(x.shape, dropout_p, seed, x.device)) @ lora_A
         else:
-            rows = _block_rows(x, k)
+            rows = _block_rows(k)
             S, block = x.new_empty(m, lora_A.shape[1]), x.new_empty(min(rows, m), k)
             for i, j, drops in _dropped_blocks(m, k, rows, dropout_p, seed):
                 torch.mm(_zero_at(block[: j - i].copy_(x[i:j]), drops), lora_A, out=S[i:j])
@@ -156,7 +156,7 @@ def _dropout_dx_da(
     # order, in fp32 for 16-bit inputs (as one 16-bit GEMM does). NOTE: dY W stays one GEMM: a
     # GEMM per block accumulating onto its masked piece (no add_ pass over dx) measured slower
     # (1.50-1.55x the frozen linear against 1.42-1.44x, whole steps at 4096 x 1024, p = 0.1).
-    rows = _block_rows(dS, k)
+    rows = _block_rows(k)
     acc = torch.float32 if dS.element_size() < 4 else dS.dtype
     dx = dy @ weight if need_x else None
     da = torch.zeros(lora_A.shape, dtype=acc, device=dS.device) if need_a else None

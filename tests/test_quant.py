@@ -12,12 +12,11 @@ import pytest
 import torch
 from helpers import BACKEND_DEVICE as DEVICE
 from helpers import BACKEND_TOL as TOL
-from helpers import KERNEL_DEVICE, assert_close, read_mask
+from helpers import KERNEL_DEVICE, assert_close, read_mask, reference_with_grads
 from torch import nn
 
 from lora_kernels import LoRALayer, adapters, from_peft, inject_lora, lora_linear, quant
 from lora_kernels.kernels import dequant
-from lora_kernels.reference import lora_linear_reference
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
@@ -127,13 +126,11 @@ def test_autocast_leaves_a_4bit_weight_alone():
 
 
 def reference_grads(x, w, bias, lora_A, lora_B, scaling, dy, mask=None, p=0.0):
-    leaves = [t.detach().double().requires_grad_(True) for t in (x, lora_A, lora_B)]
-    y = lora_linear_reference(
-        leaves[0], w.double(), None if bias is None else bias.double(), leaves[1], leaves[2],
-        scaling, dropout_mask=mask, dropout_p=p,
-    )  # fmt: skip
-    y.backward(dy.double())
-    return y, [t.grad for t in leaves]
+    """The float64 oracle (``helpers.reference_with_grads``) on the dequantized weight ``w``:
+    its output and ``[dx, dA, dB]``."""
+    params = {"weight": w, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
+    y, grads = reference_with_grads(x, params, dy, scaling, dropout_mask=mask, dropout_p=p)
+    return y, [grads[name] for name in ("x", "lora_A", "lora_B")]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -46,7 +46,7 @@ def dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     math, in one launch, into a new tensor (the caller's transient buffer)."""
     state = weight.quant_state
     packed = weight.detach().reshape(-1).view(torch.uint8)
-    code = torch.tensor(quant.CODES[state.quant_type], dtype=torch.float32, device=packed.device)
+    code = quant.code_table(state.quant_type, packed.device)
     out = alloc(quant.shape(weight), dtype, packed.device)
     launch_dequant(packed, quant.absmax(state).contiguous(), code, out, int(state.blocksize))
     return out
