@@ -294,19 +294,25 @@ class LoRALinearFunction(torch.autograd.Function):
             # cache has one (which, for "auto", may be the torch path), else the tables.
             rank = padded_rank(lora_A.shape[1])  # a constant even when the size is symbolic
             m = x2.shape[0]
+            base = "16bit" if packed is None else "nf4"
             plan = tune.choose(
-                x2.device, x2.dtype, m, k_in, n_out, rank, dropout, requested == "auto"
+                x2.device, x2.dtype, m, k_in, n_out, rank, dropout, requested == "auto", base
             )
             if plan == tune.TORCH:
                 backend, plan = "torch", None
             elif plan is None:
                 plan = triton_path.plan_string(x2.device, x2.dtype, rank, dropout)
-        if packed is not None:  # the weight's one transient buffer, in x's dtype
-            weight = _dequantize(packed, x.dtype, backend == "triton")
+        # A 4-bit weight: read by the fused kernels as it is (small M, see triton_path.in_loop),
+        # or dequantized into one transient buffer in x's dtype.
+        in_loop = packed is not None and backend == "triton"
+        if in_loop:
+            tuned = tune.four_bit_strategy(x2.device, x2.dtype, m, k_in, n_out, rank, dropout)
+            in_loop = triton_path.in_loop(x2.device, x2.dtype, m, tuned)
+        weight, four_bit = _base_weight(packed, weight, x.dtype, backend == "triton", in_loop)
         if backend == "triton":
             y2, S = triton_path.forward_op(
                 x2, weight, bias, lora_A, lora_B, scaling, dropout_p, _seed_tensor(seed), plan,
-                need_lb,
+                need_lb, **four_bit,
             )  # fmt: skip
         else:
             y2, S = torch_path.forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
@@ -322,6 +328,7 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.plan = scaling, dropout_p, seed, plan
         ctx.cast_here = cast_here
         ctx.packed = packed  # a parameter (the 4-bit weight), not an activation
+        ctx.in_loop = in_loop
         out_shape = (*x.shape[:-1], n_out)
         if y2.shape == out_shape:
             return y2
@@ -333,14 +340,16 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, S = ctx.saved_tensors
-        if ctx.packed is not None:  # dequantized again where dx needs it (4-bit bases are frozen)
-            packed = ctx.packed
-            weight = (
-                _dequantize(packed, dy.dtype, ctx.plan is not None)
-                if ctx.needs_input_grad[0]
-                else _stand_in(packed, dy)
-            )
-        k_in, n_out = weight.shape[1], weight.shape[0]
+        four_bit = {}
+        if ctx.packed is not None:  # read again where dx needs it (4-bit bases are frozen)
+            if not ctx.needs_input_grad[0]:
+                weight = _stand_in(ctx.packed, dy)
+            else:  # double backward differentiates through a dequantized weight
+                in_loop = ctx.in_loop and not torch.is_grad_enabled()
+                weight, four_bit = _base_weight(
+                    ctx.packed, None, dy.dtype, ctx.plan is not None, in_loop
+                )
+        k_in, n_out = ctx.x_shape[-1], dy.shape[-1]
         dy2 = dy.reshape(-1, n_out)
         x2 = None if x is None else x.reshape(-1, k_in)
         args = (dy2, x2, weight, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, ctx.seed)
@@ -354,7 +363,9 @@ class LoRALinearFunction(torch.autograd.Function):
             from . import triton_path
 
             *tensors, seed = args
-            grads = triton_path.backward_op(*tensors, _seed_tensor(seed), ctx.plan, list(needs))
+            grads = triton_path.backward_op(
+                *tensors, _seed_tensor(seed), ctx.plan, list(needs), **four_bit
+            )
             dx, dw, db, da, dlb = (g if need else None for g, need in zip(grads, needs))
         else:
             dx, dw, db, da, dlb = torch_path.backward(*args, needs)
@@ -363,13 +374,28 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx, dw, db, da, dlb, None, None, None, None
 
 
+def _base_weight(packed, weight, dtype: torch.dtype, triton: bool, in_loop: bool):
+    """``(weight, four_bit)`` for the backends: ``weight`` itself when not 4-bit; the packed
+    bytes and the ops' ``four_bit_args`` when the fused kernels dequantize in their K loop;
+    else the transient dequantized ``(N, K)`` buffer of ``dtype``."""
+    if packed is None:
+        return weight, {}
+    if in_loop:
+        from . import triton_path
+
+        w = quant.packed(packed)
+        return w.data, triton_path.four_bit_args(w)
+    return _dequantize(packed, dtype, triton), {}
+
+
 def _dequantize(packed: torch.Tensor, dtype: torch.dtype, triton: bool) -> torch.Tensor:
     """A 4-bit weight as ``(N, K)`` of ``dtype``: by our Triton kernel on the Triton path, by
     PyTorch ops on the torch path (the same math, bit for bit)."""
     if triton:
-        from .kernels import dequant
+        from . import triton_path
 
-        return dequant.dequantize(packed, dtype)
+        w = quant.packed(packed)
+        return triton_path.dequantize_op(w.data, w.scales, w.code, *w.shape, w.blocksize, dtype)
     return quant.dequantize(packed, dtype)
 
 
@@ -420,7 +446,8 @@ def lora_linear(
         x: ``(..., K)`` input of any leading shape.
         weight: ``(N, K)`` base weight (``nn.Linear.weight``), ``x``'s dtype; or a frozen
             bitsandbytes 4-bit weight (``Params4bit``, its ``quant_state`` giving ``(N, K)``),
-            dequantized to ``x``'s dtype for each use and never kept.
+            dequantized to ``x``'s dtype for each use and never kept (on the Triton path inside
+            the fused kernels' K loop for small M: ``triton_path.in_loop``).
         bias: ``(N,)`` base bias or ``None``, ``x``'s dtype.
         lora_A: ``(K, r)`` LoRA down-projection; its dtype may differ from ``x``'s (it is cast
             to ``x``'s for the computation, and its gradient comes back in its own).

@@ -17,10 +17,14 @@ short keeps what it measured. A stage whose estimated cost would take the run pa
    tables, the tuned layer, the torch path, peft and the frozen ``nn.Linear``; times, ratios,
    peak memory, and the targets beside them; and the fused kernels alone on the tables' plan
    (TMA descriptors on Hopper) against the same tiles on the pointer kernels.
-3. ``tuner``: ``lora_kernels.tune`` on the LLM shapes of ``benchmarks/bench_fused.py`` (M 2048
+3. ``qlora``: a 4-bit base's two strategies (``QLORA_TOKENS`` from 16 to 4096, K = N = 4096,
+   r 16, bf16, forward + backward on a synthetic NF4 weight) beside the 16-bit layer and
+   ``nn.Linear``: which strategy the roofline threshold picks and which was faster, per M; the
+   tuner's decisions for two 4-bit keys (M 256 and 2048).
+4. ``tuner``: ``lora_kernels.tune`` on the LLM shapes of ``benchmarks/bench_fused.py`` (M 2048
    and 8192, (K, N) in (4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), r 16): each
    decision and each candidate's time.
-4. ``model``: the end-to-end benchmark (``benchmarks/bench_model.py --preset 1b``: a Llama 3.2
+5. ``model``: the end-to-end benchmark (``benchmarks/bench_model.py --preset 1b``: a Llama 3.2
    1B-shaped Llama and MiniLM, bf16, dropout 0 and 0.1), cut after ``MODEL_TIME_CAP_S``.
 
 Tuning decisions of the run go to ``DIR/tune.json``, never the user's cache. Without a CUDA
@@ -31,6 +35,7 @@ device the command exits 2 (``--dry-run`` prints the stages and their estimated 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -41,7 +46,6 @@ import platform
 import subprocess
 import sys
 import time
-import types
 import zlib
 from collections.abc import Callable
 from typing import NamedTuple
@@ -77,7 +81,8 @@ CHECK_SHAPES = [
     ((2, 257), 4096, 1024),
 ]
 # 4-bit bases (docs/qlora.md): a synthetic NF4 weight (random codes and scales: the GPU machine
-# has no bitsandbytes), in each precision, dropout and the first rank, over these shapes.
+# has no bitsandbytes), in each precision, dropout and the first rank, over these shapes, with
+# each strategy (decoded in the fused kernels' K loop, and dequantized into a buffer).
 CHECK_4BIT_SHAPES = [((17,), 96, 80), ((3, 127), 200, 300), ((1000,), 1024, 4096)]
 # Worker processes for the correctness cases: compiling is the cost, and it is CPU work.
 CHECK_JOBS = min(8, os.cpu_count() or 1)
@@ -87,27 +92,36 @@ def _worst(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(relative_errors(out, ref).max()) if ref.numel() else 0.0
 
 
-def synthetic_4bit(n: int, k: int, device, dtype, gen, blocksize: int = 64) -> torch.Tensor:
-    """A packed NF4 ``(n, k)`` weight in bitsandbytes' format (random codes, fp32 scales, no
-    double quantization), carrying the ``quant_state`` fields ``lora_kernels.quant`` reads."""
-    packed = torch.randint(0, 256, ((n * k + 1) // 2,), generator=gen, dtype=torch.uint8)
-    scales = torch.rand(-(-n * k // blocksize), generator=gen) * 0.1 / math.sqrt(k) + 1e-3
-    packed = packed.to(device)
-    packed.quant_state = types.SimpleNamespace(
-        shape=torch.Size([n, k]), blocksize=blocksize, quant_type="nf4",
-        absmax=scales.to(device), nested=False, dtype=dtype,
-    )  # fmt: skip
-    return packed
-
-
 def check_case(
-    device, dtype, tf32: bool, rank: int, p: float, lead, k: int, n: int, base: str = "16bit"
-) -> dict:
+    device, dtype, tf32: bool, rank: int, p: float, lead, k: int, n: int, base: str = "16bit",
+    strategy: str = "",
+) -> dict:  # fmt: skip
     """One layer call on the Triton path against the float64 reference, and its determinism.
 
-    ``base="nf4"``: over a synthetic 4-bit weight (our dequantization kernel, then the fused
-    kernels), the reference on the torch path's dequantized weight, which the kernel's must equal
-    bit for bit (``dequant_bitwise``); no weight gradient."""
+    ``base="nf4"``: over a synthetic 4-bit weight, read in the fused kernels' K loop or
+    dequantized into a buffer by our kernel as ``strategy`` says (``LORA_KERNELS_4BIT``), the
+    reference on the torch path's dequantized weight, which the kernel's must equal bit for bit
+    (``dequant_bitwise``); no weight gradient."""
+    with _four_bit_strategy(strategy):
+        return _check_case(device, dtype, tf32, rank, p, lead, k, n, base)
+
+
+@contextlib.contextmanager
+def _four_bit_strategy(strategy: str):
+    """``LORA_KERNELS_4BIT`` set to ``strategy`` inside the block ("": chosen by M), then put
+    back as it was."""
+    before = os.environ.get(triton_path.ENV_4BIT)
+    os.environ[triton_path.ENV_4BIT] = strategy
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[triton_path.ENV_4BIT]
+        else:
+            os.environ[triton_path.ENV_4BIT] = before
+
+
+def _check_case(device, dtype, tf32, rank, p, lead, k, n, base) -> dict:
     from .kernels import dequant
 
     key = (
@@ -122,7 +136,7 @@ def check_case(
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(device, dtype)
 
     result = {}
-    packed = synthetic_4bit(n, k, device, dtype, gen) if base == "nf4" else None
+    packed = quant.synthetic_4bit(n, k, device, dtype, gen) if base == "nf4" else None
     inputs = {"x": rand(*lead, k)}
     if packed is None:
         inputs["weight"] = rand(n, k, std=k**-0.5)
@@ -164,11 +178,13 @@ def check_case(
     return {"errors": errors, "deterministic": deterministic, **result}
 
 
-def _checked(device, name, dtype, tf32, tol, rank, p, lead, k, n, base="16bit") -> dict:
+def _checked(device, name, dtype, tf32, tol, rank, p, lead, k, n, base="16bit", strategy=""):
     """``check_case`` as one JSON row; a failure to run is recorded, not raised."""
     case = {"dtype": name, "dropout": p, "rank": rank, "shape": [*lead, k, n], "base": base}
+    if strategy:
+        case["strategy"] = strategy
     try:
-        result = check_case(device, dtype, tf32, rank, p, lead, k, n, base)
+        result = check_case(device, dtype, tf32, rank, p, lead, k, n, base, strategy)
     except Exception as e:  # noqa: BLE001  (recorded: the other cases still run)
         case.update(error=f"{type(e).__name__}: {e}"[:500], passed=False)
     else:
@@ -191,8 +207,8 @@ def stage_correctness(
     four_bit_shapes=CHECK_4BIT_SHAPES,
 ) -> dict:
     """Every case of the product, then the 4-bit base's cases (16-bit precisions only, the first
-    rank); ``jobs`` worker processes share them (compiling the kernels of about 400
-    specializations is most of the cost, and it runs on the CPU). Cases not started within
+    rank, both strategies); ``jobs`` worker processes share them (compiling the kernels of about
+    400 specializations is most of the cost, and it runs on the CPU). Cases not started within
     ``time_cap_s`` are recorded as not run."""
     todo = [
         (name, dtype, tf32, tol, rank, p, lead, k, n)
@@ -202,11 +218,12 @@ def stage_correctness(
         for lead, k, n in shapes
     ]
     todo += [
-        (name, dtype, tf32, tol, ranks[0], p, lead, k, n, "nf4")
+        (name, dtype, tf32, tol, ranks[0], p, lead, k, n, "nf4", strategy)
         for name, dtype, tf32, tol in precisions
         if dtype != torch.float32
         for p in dropouts
         for lead, k, n in four_bit_shapes
+        for strategy in ("in_loop", "buffer")
     ]
     deadline = None if time_cap_s is None else time.perf_counter() + time_cap_s
     results: list[dict | None] = [None] * len(todo)
@@ -231,7 +248,7 @@ def stage_correctness(
     cases = [r for r in results if r is not None]
     not_run = [
         {"dtype": a[0], "dropout": a[5], "rank": a[4], "shape": [*a[6], a[7], a[8]]}
-        | {"base": a[9] if len(a) > 9 else "16bit"}
+        | ({"base": a[9], "strategy": a[10]} if len(a) > 9 else {"base": "16bit"})
         for a, r in zip(todo, results)
         if r is None
     ]
@@ -252,17 +269,18 @@ TARGETS = {"tuned_vs_linear": 1.07, "peft_vs_tuned": 1.4, "tuned_vs_torch": 1.02
 
 
 class _Functional(nn.Module):
-    """``lora_linear`` on a ``LoRALayer``'s tensors with a fixed ``backend``."""
+    """``lora_linear`` on a ``LoRALayer``'s tensors with a fixed ``backend`` (and, where given,
+    a 4-bit ``weight`` in place of the layer's own)."""
 
-    def __init__(self, layer, backend: str):
+    def __init__(self, layer, backend: str, weight=None):
         super().__init__()
-        self.layer, self.backend = layer, backend
+        self.layer, self.backend, self.weight = layer, backend, weight
 
     def forward(self, x):
         layer = self.layer
         return lora_linear(
             x,
-            layer.linear.weight,
+            layer.linear.weight if self.weight is None else self.weight,
             layer.linear.bias,
             layer.lora_A,
             layer.lora_B,
@@ -379,7 +397,62 @@ def stage_target(device, shape=TARGET_SHAPE, dtype=torch.bfloat16) -> dict:
     }
 
 
-# --- stage 3: the tuner on LLM shapes -----------------------------------------------------------
+# --- stage 3: a 4-bit base's two strategies over M ----------------------------------------------
+
+QLORA_SHAPE = (4096, 4096, 16)  # K, N, r
+QLORA_TOKENS = (16, 64, 256, 512, 1024, 4096)  # around the roofline's threshold (512 on H100)
+
+
+def stage_qlora(
+    device, shape=QLORA_SHAPE, tokens=QLORA_TOKENS, dtype=torch.bfloat16, tuned_tokens=(256, 2048)
+) -> dict:
+    """Forward + backward over a synthetic NF4 base, x requiring grad, per number of tokens:
+    the fused kernels reading the codes in their K loop, and our dequant kernel into a buffer
+    then the fused kernels (``LORA_KERNELS_4BIT``), beside the same layer over the 16-bit
+    weight and that weight's frozen ``nn.Linear``. Which strategy the threshold picks, and
+    which was faster, per M; then the tuner's decisions for 4-bit keys at ``tuned_tokens``."""
+    from . import LoRALayer
+
+    k, n, r = shape
+    gen = torch.Generator().manual_seed(0)
+    packed = quant.synthetic_4bit(n, k, device, dtype, gen)
+    base = nn.Linear(k, n, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    with torch.no_grad():
+        base.weight.copy_(quant.dequantize(packed, dtype))
+    layer = LoRALayer.from_linear(base, rank=r, alpha=2 * r)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=r**-0.5)
+    rows = []
+    for m in tokens:
+        x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
+        dy = torch.randn(m, n, device=device, dtype=dtype)
+        ms = {}
+        for strategy in ("in_loop", "buffer"):
+            with _four_bit_strategy(strategy):
+                ms[strategy] = _fwd_bwd_ms(_Functional(layer, "triton", packed), x, dy)
+        ms["16bit_fused"] = _fwd_bwd_ms(_Functional(layer, "triton"), x, dy)
+        ms["16bit_linear"] = _fwd_bwd_ms(base, x, dy)
+        with _four_bit_strategy(""):
+            chosen = "in_loop" if triton_path.in_loop(device, dtype, m) else "buffer"
+        faster = min(("in_loop", "buffer"), key=ms.get)
+        rows.append({"M": m, "ms": ms, "chosen": chosen, "faster": faster,
+                     "in_loop_vs_buffer": ms["in_loop"] / ms["buffer"]})  # fmt: skip
+    tuned = []
+    for m in tuned_tokens:
+        key, decision = tune.tune(device, dtype, m, k, n, r, base="nf4")
+        tuned.append({"M": m, "key": key, "provider": decision["provider"],
+                      "strategy": decision["strategy"], "ms": decision["ms"]})  # fmt: skip
+    return {
+        "shape": list(shape),
+        "dtype": str(dtype).removeprefix("torch."),
+        "in_loop_max_m": triton_path.in_loop_max_m(device, dtype),
+        "rows": rows,
+        "threshold_right": sum(row["chosen"] == row["faster"] for row in rows),
+        "tuned": tuned,
+    }
+
+
+# --- stage 4: the tuner on LLM shapes -----------------------------------------------------------
 
 TUNER_SHAPES = [
     (m, k, n, 16)
@@ -408,7 +481,7 @@ def stage_tuner(device, shapes=TUNER_SHAPES, dtype=torch.bfloat16) -> dict:
     return {"dtype": str(dtype).removeprefix("torch."), "keys": keys}
 
 
-# --- stage 4: the end-to-end model benchmark ----------------------------------------------------
+# --- stage 5: the end-to-end model benchmark ----------------------------------------------------
 
 BENCH_MODEL = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_model.py"
 
@@ -452,6 +525,7 @@ STAGES = [
         lambda device, out: stage_correctness(device, jobs=CHECK_JOBS, time_cap_s=240),
     ),
     Stage("target", 60, lambda device, out: stage_target(device)),
+    Stage("qlora", 30, lambda device, out: stage_qlora(device)),
     Stage("tuner", 120, lambda device, out: stage_tuner(device)),
     Stage(
         "model",

@@ -1,7 +1,8 @@
 """Compile every kernel the package launches for a GPU, without one, and report its machine code.
 
     python -m lora_kernels.inspect [--arch sm_80|sm_89|sm_90|sm_100|sm_120] [--dtype D] [--rank R]
-                                   [--dropout P] [--candidates] [--json] [--dump DIR] [--jobs N]
+                                   [--dropout P] [--candidates] [--base nf4] [--json] [--dump DIR]
+                                   [--jobs N]
 
 For each arch, dtype and rank, the real forward and backward of the Triton path run under
 ``capture_launches`` on ``meta`` tensors of an LLM projection (M=8192, K=N=4096): the launches they
@@ -34,6 +35,7 @@ import torch
 from .function import triton_interpreter_enabled
 
 M, K, N = 8192, 4096, 4096
+M_4BIT = 512  # a 4-bit base's in-loop launches run at small M (triton_path.in_loop)
 
 
 class Target(NamedTuple):
@@ -93,16 +95,23 @@ def table_plan(arch: str, dtype: torch.dtype, rank: int, dropout_p: float = 0.0)
 
 
 def captured_launches(
-    arch: str, dtype: torch.dtype, rank: int, dropout_p: float = 0.0, plan=None
+    arch: str, dtype: torch.dtype, rank: int, dropout_p: float = 0.0, plan=None, four_bit=False
 ) -> list:
     """The launches one forward + backward (x, lora_A, lora_B requiring grad) would make, with
-    ``plan`` (default: the tables')."""
-    from . import triton_path
+    ``plan`` (default: the tables'); ``four_bit``: over a 4-bit W (NF4, blocksize 64) read in
+    the K loop, at ``M_4BIT`` tokens."""
+    from . import quant, triton_path
     from .kernels.common import capture_launches
 
+    m = M_4BIT if four_bit else M
     meta = {"device": "meta", "dtype": dtype}
-    x, dy = torch.empty(M, K, **meta), torch.empty(M, N, **meta)
+    x, dy = torch.empty(m, K, **meta), torch.empty(m, N, **meta)
     weight, bias = torch.empty(N, K, **meta), torch.empty(N, **meta)
+    if four_bit:
+        packed = torch.empty(N * K // 2, dtype=torch.uint8, device="meta")
+        scales = torch.empty(N * K // 64, dtype=torch.float32, device="meta")
+        code = torch.empty(16, dtype=torch.float32, device="meta")
+        weight = quant.Packed(packed, scales, code, 64, (N, K), (K, 1))
     lora_A, lora_B = torch.empty(K, rank, **meta), torch.empty(rank, N, **meta)
     if plan is None:
         plan = table_plan(arch, dtype, rank, dropout_p)
@@ -215,18 +224,28 @@ def inspect_group(
     dump: str | None = None,
     candidates: bool = False,
     base: str = "16bit",
+    dequant: bool = True,
 ) -> list[dict]:
     """One row per kernel launched by a forward + backward at ``(arch, dtype, rank, dropout)``;
     with ``candidates``, also one for each of the tuner's alternatives (``tune.candidates``),
     which change one launch's config each: that launch is built again. With ``base="nf4"``: the
-    4-bit base's dequantization launch (the rest is built as for a 16-bit base)."""
+    launches that read a 4-bit W in their K loop (``lora_fwd``, ``lora_bwd_dx``; the others are
+    the 16-bit builds), and the dequantization launch (the other
+    strategy: then the 16-bit builds run) where ``dequant`` says."""
     from . import tune
 
     dtype = DTYPES[dtype_name]
     if base == "nf4":
+        launches = [
+            launch
+            for launch in captured_launches(arch, dtype, rank, dropout_p, four_bit=True)
+            if launch.kwargs.get("FOUR_BIT")
+        ]
+        if dequant:
+            launches += dequant_launches(dtype)
         return [
             _inspect_launch(launch, arch, dtype_name, rank, dropout_p, "nf4", dump)
-            for launch in dequant_launches(dtype)
+            for launch in launches
         ]
     plans = [("tables", None)]
     if candidates:
@@ -284,13 +303,13 @@ def inspect_builds(
 ) -> list[dict]:
     """Rows for every (arch, dtype, rank, dropout) group, compiled ``jobs`` groups at a time
     (with ``candidates``: the tuner's whole candidate space too; with ``base="nf4"``: the 4-bit
-    dequantization launch, once per arch and dtype)."""
-    if base == "nf4":
-        ranks, dropouts = ranks[:1], dropouts[:1]  # the launch depends on neither
+    base's launches instead)."""
     groups = [(a, d, r, p) for a in archs for d in dtypes for r in ranks for p in dropouts]
-    extra = ([dump] * len(groups), [candidates] * len(groups), [base] * len(groups))
+    # the dequantization launch depends on neither the rank nor the dropout: built once
+    dequant = [(r, p) == (ranks[0], dropouts[0]) for _, _, r, p in groups]
+    extra = ([dump] * len(groups), [candidates] * len(groups), [base] * len(groups), dequant)
     if jobs <= 1:
-        results = [inspect_group(*g, dump, candidates, base) for g in groups]
+        results = [inspect_group(*g, *more) for g, *more in zip(groups, *extra)]
     else:
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
@@ -337,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         "--base",
         choices=("16bit", "nf4"),
         default="16bit",
-        help="nf4: build the 4-bit base's dequantization kernel instead (QLoRA; docs/qlora.md)",
+        help="nf4: build the 4-bit base's kernels instead: the fused ones reading it in their "
+        "K loop, and its dequantization kernel (QLoRA; docs/qlora.md)",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
     parser.add_argument("--dump", metavar="DIR", help="write every cubin into DIR")

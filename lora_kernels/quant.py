@@ -16,6 +16,10 @@ models check that bitsandbytes is installed before they take one (``require_bits
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import types
+
 import torch
 
 # The 4-bit code tables, bitsandbytes' values as float32 (NF4: the normal-float quantiles of
@@ -95,9 +99,53 @@ def absmax(state) -> torch.Tensor:
     return decoded.mul_(scales).add_(state.offset)
 
 
+def synthetic_4bit(n: int, k: int, device, dtype, gen, blocksize: int = 64) -> torch.Tensor:
+    """A packed NF4 ``(n, k)`` weight in bitsandbytes' format (random codes, fp32 scales, no
+    double quantization), carrying the ``quant_state`` fields this module reads: what the tuner
+    and the GPU check measure on, where bitsandbytes may not be installed."""
+    packed = torch.randint(0, 256, ((n * k + 1) // 2,), generator=gen, dtype=torch.uint8)
+    scales = torch.rand(-(-n * k // blocksize), generator=gen) * 0.1 / math.sqrt(k) + 1e-3
+    packed = packed.to(device)
+    packed.quant_state = types.SimpleNamespace(
+        shape=torch.Size([n, k]), blocksize=blocksize, quant_type="nf4",
+        absmax=scales.to(device), nested=False, dtype=dtype,
+    )  # fmt: skip
+    return packed
+
+
 def code_table(quant_type: str, device: torch.device) -> torch.Tensor:
     """The 16 fp32 values of ``quant_type``'s codes, on ``device``."""
     return torch.tensor(CODES[quant_type], dtype=torch.float32, device=device)
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """A 4-bit weight as the fused kernels read it, tile by tile in their K loop: the flat codes
+    (``data``, uint8) seen as a matrix of ``shape`` with ``strides`` in elements (``(N, K)`` and
+    ``(K, 1)`` for W; ``t()`` gives W^T), the decoded fp32 ``scales`` and the 16-entry ``code``.
+    Nothing is dequantized: ``scales`` are 1 / ``blocksize`` of the elements."""
+
+    data: torch.Tensor
+    scales: torch.Tensor
+    code: torch.Tensor
+    blocksize: int
+    shape: tuple[int, int]
+    strides: tuple[int, int]
+
+    def stride(self, dim: int) -> int:
+        return self.strides[dim]
+
+    def t(self) -> Packed:
+        return dataclasses.replace(self, shape=self.shape[::-1], strides=self.strides[::-1])
+
+
+def packed(weight: torch.Tensor) -> Packed:
+    """``weight`` (a 4-bit ``Params4bit``) as ``Packed`` W: its bytes, its scales decoded."""
+    state = weight.quant_state
+    n, k = shape(weight)
+    data = weight.detach().reshape(-1).view(torch.uint8)
+    code = code_table(state.quant_type, data.device)
+    return Packed(data, absmax(state).contiguous(), code, int(state.blocksize), (n, k), (k, 1))
 
 
 def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:

@@ -40,6 +40,16 @@ GPUS = {
 # The Triton path's tile widths (kernels/fused_mm.py, 16-bit, R < 64) and padded-rank rule.
 BLOCK_N = {"H100": 256, "A100": 128}
 MIN_DOT_DIM = 16
+# 32-bit CUDA-core lane operations per second, where a 4-bit W's decoding runs when it is done in
+# the fused kernels' K loop: SMs x FP32 lanes x boost clock (H100 SXM 132 x 128 x 1.83 GHz, A100
+# 108 x 64 x 1.41 GHz), at the same 0.8 / 0.9 of the datasheet as the peaks above would give less.
+LANE_OPS = {"H100": 30e12, "A100": 9.7e12}
+# Lane operations to decode one element in the loop: the nibble's shift and mask, the code-table
+# load, the scale's load and multiply (the index arithmetic shared by the tile aside), the cast.
+DECODE_OPS = 5
+# The in-loop kernels' tiles (kernels/fused_mm.py CONFIGS_4BIT, 16-bit, R < 64).
+BLOCK_M_4BIT = 64
+BLOCK_N_4BIT = {"H100": 64, "A100": 64}
 
 
 @dataclass
@@ -55,8 +65,23 @@ class Shape:
 
 # A 4-bit base (docs/qlora.md): each use of W (forward's GEMM, backward's dx) first dequantizes it
 # into a 16-bit buffer, for every provider (bitsandbytes' matmul_4bit does, and so does our
-# Triton path): 0.5 byte of codes and 4 / 64 of decoded fp32 scales read, the buffer written.
+# Triton path above in_loop_max_tokens): 0.5 byte of codes and 4 / 64 of decoded fp32 scales
+# read, the buffer written. Up to in_loop_max_tokens our fused kernels read those 0.5 + 4 / 64
+# bytes instead of the buffer's, and decode every tile once per row of output tiles.
 NF4_READ_PER_ELEM = 0.5 + 4 / 64
+
+
+def in_loop_max_tokens(gpu: str, block_m: int = BLOCK_M_4BIT, elem: int = 2) -> int:
+    """The number of tokens up to which decoding a 4-bit W inside the fused kernels' K loop
+    should beat dequantizing it into a buffer (a prediction; docs/qlora.md).
+
+    What differs between the two per use of W: the buffer costs ``2 elem`` DRAM bytes per
+    element (written, read back by the GEMM); the loop costs ``DECODE_OPS`` lane operations per
+    element for each of the ``M / block_m`` rows of output tiles. They break even at
+    ``M = block_m (2 elem / bandwidth) / (DECODE_OPS / lane rate)``."""
+    peak = GPUS[gpu]
+    passes = (2 * elem / peak["bandwidth"]) / (DECODE_OPS / LANE_OPS[gpu])
+    return int(block_m * passes)
 
 
 def _gemm(m, n, k, elem, *, a=True, b=True, c_write=True, c_read=False):
@@ -71,7 +96,8 @@ def _elementwise(n_elems, elem, reads, writes):
 
 
 def kernels(provider: str, shape: Shape, mode: str, gpu: str = "H100") -> list[tuple]:
-    """``[(name, flops, bytes), ...]`` of ``provider`` in ``mode`` ("fwd", "bwd", "fwd+bwd")."""
+    """``[(name, flops, bytes[, lane ops]), ...]`` of ``provider`` in ``mode`` ("fwd", "bwd",
+    "fwd+bwd"); lane ops where a kernel decodes a 4-bit W on the CUDA cores."""
     if mode == "fwd+bwd":
         return kernels(provider, shape, "fwd", gpu) + kernels(provider, shape, "bwd", gpu)
     m, k, n, r, e = shape.tokens, shape.in_features, shape.out_features, shape.rank, shape.elem
@@ -104,7 +130,9 @@ def kernels(provider: str, shape: Shape, mode: str, gpu: str = "H100") -> list[t
             out.append(("dx += dx_l", *_elementwise(m * k, e, 2, 1)))
     elif provider == "lora_kernels":
         rp = max(MIN_DOT_DIM, 1 << (r - 1).bit_length())
-        cols = -(-n // BLOCK_N[gpu])  # columns of output tiles, each repeating the x A dot
+        in_loop = shape.base == "nf4" and m <= in_loop_max_tokens(gpu, elem=e)
+        block_n = (BLOCK_N_4BIT if in_loop else BLOCK_N)[gpu]
+        cols = -(-n // block_n)  # columns of output tiles, each repeating the x A dot
         t_bytes = 4 * m * r  # T (M x r) is float32
         lora_epilogue = 2 * 2 * m * rp * n  # (x A) B as hi + lo
         if mode == "fwd":
@@ -118,15 +146,22 @@ def kernels(provider: str, shape: Shape, mode: str, gpu: str = "H100") -> list[t
                 extra = 2 * m * k * rp * cols + lora_epilogue
                 out.append(("lora_fwd: y and T", fl + extra, by + t_bytes + e * (k + n) * r))
         else:
-            cols_k = -(-k // BLOCK_N[gpu])
+            cols_k = -(-k // block_n)
             fl, by = _gemm(m, k, n, e)
             extra = 2 * m * n * rp * cols_k + 2 * 2 * m * rp * k
             out.append(("lora_bwd_dx: dx and dT", fl + extra, by + t_bytes))
             out.append(("lora_bwd_dA: x^T dT", 2 * 2 * m * k * rp, e * m * k + t_bytes))
             out.append(("lora_bwd_dB: T^T dY", 2 * 2 * m * n * rp, e * m * n + t_bytes))
+        if in_loop:  # the GEMM of W reads its codes, and decodes them once per row of tiles
+            reads_w = ("lora_fwd:", "lora_fwd (", "lora_bwd_dx")
+            gemm = next(i for i, kernel in enumerate(out) if kernel[0].startswith(reads_w))
+            name, fl, by = out[gemm]
+            decode = DECODE_OPS * n * k * -(-m // BLOCK_M_4BIT)
+            by += (NF4_READ_PER_ELEM - e) * n * k
+            out[gemm] = (f"{name} (4-bit W)", fl, by, decode)
     else:
         raise ValueError(f"unknown provider {provider!r}")
-    if shape.base == "nf4":
+    if shape.base == "nf4" and not (provider == "lora_kernels" and in_loop):
         out.insert(0, ("dequant W (4-bit -> 16-bit)", 0, int(n * k * (NF4_READ_PER_ELEM + e))))
     return out
 
@@ -135,11 +170,14 @@ def predict(provider: str, shape: Shape, mode: str, gpu: str = "H100") -> dict:
     """Predicted time (s), FLOPs and bytes of ``provider``; the time sums per-kernel rooflines."""
     peak = GPUS[gpu]
     ks = kernels(provider, shape, mode, gpu)
-    time = sum(max(f / peak["flops"], b / peak["bandwidth"]) for _, f, b in ks)
+    time = sum(
+        max(f / peak["flops"], b / peak["bandwidth"], sum(ops) / LANE_OPS[gpu])
+        for _, f, b, *ops in ks
+    )
     return {
         "time": time,
-        "flops": sum(f for _, f, _ in ks),
-        "bytes": sum(b for _, _, b in ks),
+        "flops": sum(k[1] for k in ks),
+        "bytes": sum(k[2] for k in ks),
         "kernels": len(ks),
     }
 

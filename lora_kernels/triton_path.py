@@ -12,13 +12,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 from dataclasses import dataclass
 from typing import List  # noqa: UP035  (see backward_op)
 
 import torch
 
-from .kernels import fused_mm_tma, lora_grad_tma
-from .kernels.common import acc_dtype
+from . import quant, roofline
+from .kernels import dequant, fused_mm_tma, lora_grad_tma
+from .kernels.common import acc_dtype, alloc
 from .kernels.fused_mm import fused_mm, fused_mm_config, fused_mm_t_config
 from .kernels.lora_grad import grad_config, lora_grad
 
@@ -44,6 +46,12 @@ HOPPER_SHARED_BYTES = 227 * 1024
 DESCRIPTOR_ARCHS = (9,)
 DESCRIPTOR_DTYPES = (torch.float16, torch.bfloat16)
 
+# The roofline GPU of each config table, for the 4-bit strategies' threshold (in_loop_max_m).
+ROOFLINE_GPU = {8: "A100", 9: "H100"}
+ENV_4BIT = "LORA_KERNELS_4BIT"  # forces a 4-bit base's strategy (see in_loop)
+FOUR_BIT_STRATEGIES = ("", "in_loop", "buffer")  # its values ("": chosen by M)
+MIN_RANK = 1  # the in-loop tiles' BLOCK_M is the same at every rank
+
 
 def config_arch(major: int, max_shared_bytes: int) -> int:
     """The config tables' key for a GPU of compute capability ``major.x`` whose blocks may use up
@@ -64,6 +72,10 @@ class Plan:
     num_sms: int
     precision: str  # tl.dot input_precision for float32 operands
     upcast: bool  # interpreter + bfloat16: dot operands through float32
+    # A 4-bit base whose W is dequantized inside the fused kernels' K loop (see in_loop); above
+    # the threshold it is dequantized into a buffer, and fwd and dx run.
+    fwd_4bit: dict = dataclasses.field(default_factory=dict)
+    dx_4bit: dict = dataclasses.field(default_factory=dict)
 
 
 @functools.lru_cache(maxsize=64)
@@ -143,14 +155,45 @@ def plan_for(
         num_sms=num_sms,
         precision="tf32" if tf32 else "ieee",
         upcast=device.type == "cpu" and dtype == torch.bfloat16,
+        fwd_4bit=fused_mm_config(arch, dtype, rank, four_bit=True),
+        dx_4bit=fused_mm_config(arch, dtype, rank, dropout_out=dropout, four_bit=True),
     )
+
+
+@torch.compiler.assume_constant_result
+def in_loop_max_m(device: torch.device, dtype: torch.dtype) -> int:
+    """The most tokens for which a 4-bit W is dequantized inside the fused kernels' K loop on
+    ``device`` in ``dtype``: the roofline's break-even (``roofline.in_loop_max_tokens``) for the
+    GPU of its config tables and the in-loop tiles' ``BLOCK_M``. A constant under torch.compile
+    (plain Python arguments only, as ``plan_string``)."""
+    arch = _device_facts(device)[0]
+    block_m = fused_mm_config(arch, dtype, MIN_RANK, four_bit=True)["BLOCK_M"]
+    return roofline.in_loop_max_tokens(ROOFLINE_GPU[arch], block_m, dtype.itemsize)
+
+
+def in_loop(device: torch.device, dtype: torch.dtype, m: int, tuned: str = "") -> bool:
+    """Whether a call of ``m`` tokens over a 4-bit base dequantizes inside the K loop (else into
+    one buffer per use of W): as ``LORA_KERNELS_4BIT`` says (``in_loop`` or ``buffer``, to
+    measure one strategy against the other), else as the key's ``tuned`` decision says, else
+    up to ``in_loop_max_m``."""
+    forced = os.environ.get(ENV_4BIT, "")
+    if forced not in FOUR_BIT_STRATEGIES:
+        raise ValueError(
+            f"{ENV_4BIT}={forced!r}: expected one of {', '.join(FOUR_BIT_STRATEGIES[1:])}"
+            " (or unset: chosen by the number of tokens)"
+        )
+    if forced or tuned:
+        return (forced or tuned) == "in_loop"
+    return m <= in_loop_max_m(device, dtype)
 
 
 def _fused(x, wt, bias, p, q, scaling, *, config, num_sms, **kwargs):
     """One launch of the fused kernel: on TMA descriptors over a persistent grid where the
     config asks for it (Hopper's tables, or the tuner) and the operands allow it
-    (``fused_mm_tma.supports``: aligned, unit last stride), the pointer kernel otherwise."""
-    if config.get("TMA") and fused_mm_tma.supports(x, wt, p, q):
+    (``fused_mm_tma.supports``: aligned, unit last stride), the pointer kernel otherwise (and
+    for a 4-bit ``wt``, whose tiles are decoded, not copied)."""
+    four_bit = isinstance(wt, quant.Packed)
+    if config.get("TMA") and not four_bit and fused_mm_tma.supports(x, wt, p, q):
         return fused_mm_tma.fused_mm_tma(
             x, wt, bias, p, q, scaling, config=config, num_sms=num_sms, **kwargs
         )
@@ -167,7 +210,7 @@ def _grad(u, v, *, config, **kwargs):
 def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *, plan, store_t=True):
     """``x (M, K) -> (y (M, N), T (M, r) | None)``: one fused launch; two with dropout (a T-only
     pass that generates each mask element once, then the output pass reading T). Adapters of
-    another dtype compute in ``x``'s."""
+    another dtype compute in ``x``'s. ``weight``: ``(N, K)``, or a 4-bit ``quant.Packed``."""
     common = {"precision": plan.precision, "upcast": plan.upcast, "num_sms": plan.num_sms}
     lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     t_in = None
@@ -176,8 +219,9 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *, plan, 
             x, weight.t(), None, lora_A, lora_B, scaling, config=plan.t_only, store_out=False,
             dropout_p=dropout_p, dropout_in=True, seed=seed, name="lora_fwd_t", **common,
         )  # fmt: skip
+    config = plan.fwd_4bit if isinstance(weight, quant.Packed) else plan.fwd
     y, t = _fused(
-        x, weight.t(), bias, lora_A, lora_B, scaling, config=plan.fwd, store_t=store_t,
+        x, weight.t(), bias, lora_A, lora_B, scaling, config=config, store_t=store_t,
         t_in=t_in, name="lora_fwd", **common,
     )  # fmt: skip
     if t_in is not None:
@@ -192,6 +236,7 @@ def backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, 
     adapter_dtype = lora_A.dtype
     lora_A, lora_B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
     dx = dw = db = da = dlb = None
+    dx_config = plan.dx_4bit if isinstance(weight, quant.Packed) else plan.dx
     grad_kw = {"num_sms": plan.num_sms, "precision": plan.precision, "upcast": plan.upcast}
     if need_x or need_a:
         # dx = dY W + s * drop(dY B^T A^T): the forward kernel on the transposed operands; its T
@@ -203,7 +248,7 @@ def backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, 
             lora_B.t(),
             lora_A.t(),
             scaling,
-            config=plan.dx if need_x else plan.t_only,
+            config=dx_config if need_x else plan.t_only,
             num_sms=plan.num_sms,
             precision=plan.precision,
             upcast=plan.upcast,
@@ -278,18 +323,23 @@ def forward_op(
     seed: torch.Tensor,
     plan: str,
     store_t: bool,
+    w_scales: torch.Tensor | None = None,
+    w_code: torch.Tensor | None = None,
+    w_meta: List[int] | None = None,  # noqa: UP006
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``forward`` as an op: ``(y, T)``, ``T`` empty when not stored."""
+    """``forward`` as an op: ``(y, T)``, ``T`` empty when not stored. A 4-bit W dequantized in
+    the K loop comes as its parts (``four_bit_args``): ``weight`` its bytes."""
     y, t = forward(
-        x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed),
-        plan=plan_from_str(plan), store_t=store_t,
+        x, _weight(weight, w_scales, w_code, w_meta), bias, lora_A, lora_B, scaling, dropout_p,
+        int(seed), plan=plan_from_str(plan), store_t=store_t,
     )  # fmt: skip
     return y, t if t is not None else x.new_empty(0, dtype=acc_dtype(x.dtype))
 
 
 @forward_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, plan, store_t):
-    m, n, r = x.shape[0], weight.shape[0], lora_A.shape[1]
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, plan, store_t, w_scales=None,
+      w_code=None, w_meta=None):  # fmt: skip
+    m, n, r = x.shape[0], w_meta[0] if w_meta else weight.shape[0], lora_A.shape[1]
     return x.new_empty((m, n)), x.new_empty((m, r) if store_t else (0,), dtype=acc_dtype(x.dtype))
 
 
@@ -306,19 +356,59 @@ def backward_op(
     seed: torch.Tensor,
     plan: str,
     needs: List[bool],  # noqa: UP006  (torch 2.6 infers no schema from list[bool])
+    w_scales: torch.Tensor | None = None,
+    w_code: torch.Tensor | None = None,
+    w_meta: List[int] | None = None,  # noqa: UP006
 ) -> List[torch.Tensor]:  # noqa: UP006
     """``backward`` as an op: ``[dx, dW, db, dA, dB]``, empty where ``needs`` says no."""
     grads = backward(
-        dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, int(seed), tuple(needs),
-        plan=plan_from_str(plan),
+        dy, x, _weight(weight, w_scales, w_code, w_meta), lora_A, lora_B, T, scaling, dropout_p,
+        int(seed), tuple(needs), plan=plan_from_str(plan),
     )  # fmt: skip
     likes = (dy, dy, dy, lora_A, lora_B)  # the fake's dtypes (dA and dB: the adapters')
     return [like.new_empty(0) if g is None else g for g, like in zip(grads, likes)]
 
 
 @backward_op.register_fake
-def _(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, plan, needs):
-    (m, n), k, r = dy.shape, weight.shape[1], lora_A.shape[1]
+def _(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, plan, needs, w_scales=None,
+      w_code=None, w_meta=None):  # fmt: skip
+    (m, n), k, r = dy.shape, w_meta[1] if w_meta else weight.shape[1], lora_A.shape[1]
     shapes = [(m, k), (n, k), (n,), (k, r), (r, n)]
     likes = (dy, dy, dy, lora_A, lora_B)
     return [like.new_empty(s if need else (0,)) for s, like, need in zip(shapes, likes, needs)]
+
+
+@torch.library.custom_op("lora_kernels::dequantize_4bit", mutates_args=())
+def dequantize_op(
+    data: torch.Tensor,
+    scales: torch.Tensor,
+    code: torch.Tensor,
+    n: int,
+    k: int,
+    blocksize: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """A 4-bit W's parts (``quant.Packed``) dequantized to ``(n, k)`` of ``dtype`` by our
+    kernel (``kernels/dequant.py``): the buffer strategy's launch, opaque to torch.compile."""
+    out = alloc((n, k), dtype, data.device)
+    dequant.launch_dequant(data, scales, code, out, blocksize)
+    return out
+
+
+@dequantize_op.register_fake
+def _(data, scales, code, n, k, blocksize, dtype):
+    return data.new_empty((n, k), dtype=dtype)
+
+
+def four_bit_args(w: quant.Packed) -> dict:
+    """The ops' keyword arguments for a 4-bit W read by the fused kernels (its bytes go as
+    ``weight``): the scales, the code table, and ``[N, K, blocksize]``."""
+    return {"w_scales": w.scales, "w_code": w.code, "w_meta": [*w.shape, w.blocksize]}
+
+
+def _weight(weight, w_scales, w_code, w_meta):
+    """The op's weight: ``(N, K)`` as it came, or the 4-bit W its parts describe."""
+    if not w_meta:
+        return weight
+    n, k, blocksize = w_meta
+    return quant.Packed(weight, w_scales, w_code, blocksize, (n, k), (k, 1))

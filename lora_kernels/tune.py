@@ -1,6 +1,7 @@
 """On-device tuning: which provider runs each layer call, measured on the GPU it runs on.
 
-    python -m lora_kernels.tune --shape MxKxNxR [--dtype bfloat16] [--dropout 0.1] [--json]
+    python -m lora_kernels.tune --shape MxKxNxR [--dtype bfloat16] [--dropout 0.1] [--base nf4]
+                                [--json]
     LORA_KERNELS_TUNE=1 python train.py          # tune each new key on its first call
     lora_kernels.tune.tune_model(model, example_inputs)
 
@@ -8,9 +9,10 @@ One decision per key: the GPU (name, compute capability), the torch and Triton v
 dtype, the M bucket (the next power of two of the token count), K, N, the padded rank, dropout on
 or off and TF32 on or off. The decision names the provider of the layer call: ``"triton"``, with
 a launch config per launch, or ``"torch"`` (the torch path: cuBLAS ``addmm`` + ``addmm_``) where
-that measured faster. Candidates are measured forward + backward together with
-``triton.testing.do_bench``; the fastest wins, so no GPU we have never seen runs the layer slower
-than its own cuBLAS path.
+that measured faster (over a 4-bit weight, keys ending in ``|nf4``: the decoding strategy, in
+the K loop or into a buffer, or the torch path). Candidates are measured forward + backward
+together with ``triton.testing.do_bench``; the fastest wins, so no GPU we have never seen runs
+the layer slower than its own cuBLAS path.
 
 Decisions live in a JSON file, ``$LORA_KERNELS_CACHE`` (default
 ``~/.cache/lora_kernels/tune.json``), read once and written atomically. A corrupt, unreadable or
@@ -42,6 +44,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import quant
 from .function import triton_interpreter_enabled
 
 logger = logging.getLogger(__name__)
@@ -60,6 +63,9 @@ CPU_REPS = 1
 # A key knows dropout on or off, not p: a first-call tuning measures dropout keys at this p
 # (the mask costs the same at any p).
 TUNE_DROPOUT = 0.1
+# What a key over a 4-bit weight measures (on the tables' configs): its W decoded in the fused
+# kernels' K loop, dequantized into a buffer for each use, and the torch path.
+FOUR_BIT_CANDIDATES = ("in_loop", "buffer", TORCH)
 
 
 # --- the candidate space ----------------------------------------------------------------------
@@ -172,14 +178,17 @@ def key_of(
     rank: int,
     dropout: bool,
     tf32: bool | None = None,
+    base: str = "16bit",
 ) -> str:
     """The cache key: every fact a decision depends on, ``|``-separated. ``tf32``: PyTorch's
-    ``allow_tf32`` for matmuls by default (it only counts for float32)."""
+    ``allow_tf32`` for matmuls by default (it only counts for float32). ``base="nf4"``: over a
+    4-bit weight, the key ends in ``|nf4`` (16-bit keys are as they always were)."""
     if tf32 is None:
         tf32 = torch.backends.cuda.matmul.allow_tf32
     tf32 = dtype == torch.float32 and tf32
     fields = (*device_fields(device), str(dtype).removeprefix("torch."), bucket, k, n, rank)
-    return "|".join(str(f) for f in (*fields, int(dropout), int(tf32)))
+    fields = (*fields, int(dropout), int(tf32), *((base,) if base != "16bit" else ()))
+    return "|".join(str(f) for f in fields)
 
 
 # --- the cache --------------------------------------------------------------------------------
@@ -302,20 +311,24 @@ def _time_ms(fn, device: torch.device) -> float:
 
 def _layer_call(plan, x, weight, bias, lora_A, lora_B, dy, dropout_p):
     """One forward + backward of the layer (x and the adapters requiring grad, as in training),
-    on the Triton path with ``plan``, or on the torch path when ``plan`` is ``None``."""
+    on the Triton path with ``plan``, or on the torch path when ``plan`` is ``None``. ``weight``:
+    a tensor, or a function giving the weight for each use (a 4-bit base's strategy)."""
     from . import torch_path, triton_path
+
+    def w():
+        return weight() if callable(weight) else weight
 
     needs = (True, False, False, True, True)
     scaling, seed = 2.0, 1234
     if plan is None:
-        _, S = torch_path.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        torch_path.backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, needs)
+        _, S = torch_path.forward(x, w(), bias, lora_A, lora_B, scaling, dropout_p, seed)
+        torch_path.backward(dy, x, w(), lora_A, lora_B, S, scaling, dropout_p, seed, needs)
     else:
         _, T = triton_path.forward(
-            x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, plan=plan
+            x, w(), bias, lora_A, lora_B, scaling, dropout_p, seed, plan=plan
         )
         triton_path.backward(
-            dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, plan=plan
+            dy, x, w(), lora_A, lora_B, T, scaling, dropout_p, seed, needs, plan=plan
         )
 
 
@@ -327,12 +340,14 @@ def measure(
     n: int,
     rank: int,
     dropout_p: float = 0.0,
+    base: str = "16bit",
 ) -> dict:
     """Measure every candidate of one key and return the decision (not stored).
 
     Greedy over the launches: each alternative is timed on top of the best plan so far and kept
     where it is faster; then the torch path. A candidate that fails to build or launch (an older
-    Triton, a GPU with less shared memory) is recorded with its error and skipped.
+    Triton, a GPU with less shared memory) is recorded with its error and skipped. ``base="nf4"``:
+    over a (synthetic) 4-bit weight, ``measure_4bit``.
     """
     from . import triton_path
 
@@ -344,6 +359,9 @@ def measure(
     x, dy = rand(m, k), rand(m, n)
     weight, bias = rand(n, k, std=k**-0.5), rand(n)
     lora_A, lora_B = rand(k, rank, std=k**-0.5), rand(rank, n, std=rank**-0.5)
+    if base == "nf4":
+        weight = quant.synthetic_4bit(n, k, device, dtype, gen)
+        return measure_4bit(device, dtype, (x, weight, bias, lora_A, lora_B, dy), dropout_p)
     args = (x, weight, bias, lora_A, lora_B, dy, dropout_p)
 
     def timed(plan) -> float:
@@ -380,6 +398,56 @@ def measure(
     }
 
 
+def measure_4bit(device: torch.device, dtype: torch.dtype, tensors, dropout_p: float) -> dict:
+    """The decision for a key over a 4-bit weight (``tensors``: ``x``, the packed weight, the
+    bias, the adapters, ``dy``): the two strategies on the tables' configs (decoded in the K
+    loop, dequantized into a buffer for each use), then the torch path (dequantized by PyTorch
+    ops). ``"strategy"`` names the faster strategy; ``ms["tables"]`` is the one the roofline
+    threshold picks (what runs untuned)."""
+    from . import triton_path
+
+    x, packed, bias, lora_A, lora_B, dy = tensors
+    table = triton_path.plan_for(device, dtype, lora_A.shape[1], dropout_p > 0.0)
+
+    def weight(strategy):
+        if strategy == TORCH:
+            return lambda: quant.dequantize(packed, dtype)
+        w = quant.packed(packed)
+        if strategy == "in_loop":
+            return lambda: w
+        return lambda: triton_path.dequantize_op(
+            w.data, w.scales, w.code, *w.shape, w.blocksize, dtype
+        )
+
+    results = []
+    for name in FOUR_BIT_CANDIDATES:
+        plan = None if name == TORCH else table
+        args = (x, weight(name), bias, lora_A, lora_B, dy, dropout_p)
+        try:
+            ms = _time_ms(lambda: _layer_call(plan, *args), device)  # noqa: B023  (called here)
+        except Exception as e:  # noqa: BLE001  (a build or launch failure: skip the candidate)
+            results.append({"name": name, "error": f"{type(e).__name__}: {e}"[:300]})
+            continue
+        results.append({"name": name, "ms": ms})
+    times = {r["name"]: r["ms"] for r in results if "ms" in r}
+    strategies = [s for s in FOUR_BIT_CANDIDATES if s != TORCH and s in times]
+    if not strategies or TORCH not in times:
+        raise RuntimeError(f"a 4-bit candidate failed: {results}")
+    strategy = min(strategies, key=times.get)
+    untuned = "in_loop" if triton_path.in_loop(device, dtype, x.shape[0]) else "buffer"
+    return {
+        "provider": TORCH if times[TORCH] < times[strategy] else TRITON,
+        "strategy": strategy,
+        "plan": dataclasses.asdict(table),
+        "ms": {"tables": times.get(untuned), "best_triton": times[strategy], TORCH: times[TORCH]},
+        "shape": [x.shape[0], x.shape[1], dy.shape[1], lora_A.shape[1]],
+        "dropout_p": dropout_p,
+        "base": "nf4",
+        "candidates": results,
+        "tuned_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def tune(
     device: torch.device,
     dtype: torch.dtype,
@@ -388,14 +456,15 @@ def tune(
     n: int,
     rank: int,
     dropout_p: float = 0.0,
+    base: str = "16bit",
 ) -> tuple[str, dict]:
-    """Measure the key of ``(device, dtype, m, k, n, rank, dropout)`` at ``M = m``, store the
-    decision in the cache and return ``(key, decision)``."""
+    """Measure the key of ``(device, dtype, m, k, n, rank, dropout)`` at ``M = m`` (``base="nf4"``:
+    over a 4-bit weight), store the decision in the cache and return ``(key, decision)``."""
     from .kernels.common import padded_rank
 
-    key = key_of(device, dtype, m_bucket(m), k, n, padded_rank(rank), dropout_p > 0.0)
+    key = key_of(device, dtype, m_bucket(m), k, n, padded_rank(rank), dropout_p > 0.0, base=base)
     start = time.perf_counter()
-    decision = measure(device, dtype, m, k, n, rank, dropout_p)
+    decision = measure(device, dtype, m, k, n, rank, dropout_p, base)
     decision["tune_s"] = round(time.perf_counter() - start, 3)
     store(key, decision)
     logger.info("lora_kernels.tune: %s -> %s (%s)", key, decision["provider"], decision["ms"])
@@ -444,18 +513,18 @@ def lookup(
 
 
 @torch.compiler.assume_constant_result
-def _choice(device, dtype, bucket, k, n, rank, dropout, tf32, auto, enabled) -> str:
+def _choice(device, dtype, bucket, k, n, rank, dropout, tf32, auto, enabled, base) -> str:
     """``choose``'s answer for one key: ``""``, ``"torch"`` or a plan string."""
-    memo = (device, dtype, bucket, k, n, rank, dropout, tf32, auto, enabled)
+    memo = (device, dtype, bucket, k, n, rank, dropout, tf32, auto, enabled, base)
     if memo not in _memo:
-        _memo[memo] = _decide(device, dtype, bucket, k, n, rank, dropout, tf32, auto, enabled)
+        _memo[memo] = _decide(*memo)
     return _memo[memo]
 
 
-def _decide(device, dtype, bucket, k, n, rank, dropout, tf32, auto, enabled) -> str:
-    from .triton_path import Plan, plan_to_str
+def _decide(device, dtype, bucket, k, n, rank, dropout, tf32, auto, enabled, base) -> str:
+    from .triton_path import Plan, plan_for, plan_to_str
 
-    key = key_of(device, dtype, bucket, k, n, rank, dropout, tf32)
+    key = key_of(device, dtype, bucket, k, n, rank, dropout, tf32, base)
     decision = decisions().get(key)
     if decision is None and enabled:
         logger.warning(
@@ -463,29 +532,53 @@ def _decide(device, dtype, bucket, k, n, rank, dropout, tf32, auto, enabled) -> 
             key,
             cache_path(),
         )
-        _, decision = tune(device, dtype, bucket, k, n, rank, TUNE_DROPOUT if dropout else 0.0)
+        p = TUNE_DROPOUT if dropout else 0.0
+        _, decision = tune(device, dtype, bucket, k, n, rank, p, base)
     if _touched is not None:
         _touched.append(key)
     if decision is None:
         return ""
     if auto and decision["provider"] == TORCH:
         return TORCH
-    return plan_to_str(Plan(**decision["plan"]))
+    # A decision stored before a Plan field existed takes the tables' value of that field.
+    tables = dataclasses.asdict(plan_for(device, dtype, rank, dropout))
+    return plan_to_str(Plan(**{**tables, **decision["plan"]}))
 
 
-def choose(device, dtype, m, k, n, rank: int, dropout: bool, auto: bool) -> str | None:
+def choose(
+    device, dtype, m, k, n, rank: int, dropout: bool, auto: bool, base: str = "16bit"
+) -> str | None:
     """What a Triton-bound call runs: ``None`` (the table plan), ``"torch"`` (only for
     ``backend="auto"``, where the key's decision says the torch path is faster) or a tuned plan
-    string. ``rank`` is the padded rank. Tunes the key first when tuning is on and it has no
-    decision."""
+    string. ``rank`` is the padded rank; ``base="nf4"`` for a 4-bit weight (then
+    ``four_bit_strategy`` gives the decision's strategy). Tunes the key first when tuning is on
+    and it has no decision."""
     enabled = tuning_enabled()
     if not _active(device, enabled):
         return None
     bucket = m_bucket(m)  # batches within a bucket share a compiled graph
     tf32 = torch.backends.cuda.matmul.allow_tf32
     k, n = _exact(k), _exact(n)
-    choice = _choice(device, dtype, bucket, k, n, rank, dropout, tf32, auto, enabled)
+    choice = _choice(device, dtype, bucket, k, n, rank, dropout, tf32, auto, enabled, base)
     return choice or None
+
+
+def four_bit_strategy(device, dtype, m, k, n, rank: int, dropout: bool) -> str:
+    """The tuned strategy (``"in_loop"`` or ``"buffer"``) of a 4-bit call's key, or ``""``
+    (none tuned: the roofline threshold decides). Looks up only: ``choose`` tunes."""
+    if not _active(device, tuning_enabled()):
+        return ""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    return _strategy(device, dtype, m_bucket(m), _exact(k), _exact(n), rank, dropout, tf32)
+
+
+@torch.compiler.assume_constant_result
+def _strategy(device, dtype, bucket, k, n, rank, dropout, tf32) -> str:
+    memo = ("strategy", device, dtype, bucket, k, n, rank, dropout, tf32)
+    if memo not in _memo:
+        key = key_of(device, dtype, bucket, k, n, rank, dropout, tf32, "nf4")
+        _memo[memo] = (decisions().get(key) or {}).get("strategy", "")
+    return _memo[memo]
 
 
 def _exact(size) -> int:
@@ -561,6 +654,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (0 or > 0)")
+    parser.add_argument(
+        "--base",
+        choices=("16bit", "nf4"),
+        default="16bit",
+        help="nf4: over a 4-bit base (a synthetic NF4 weight): its two strategies and torch",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per shape")
     args = parser.parse_args(argv)
     if not 0.0 <= args.dropout < 1.0:
@@ -573,13 +672,15 @@ def main(argv: list[str] | None = None) -> int:
         print("lora_kernels.tune needs a CUDA GPU (or TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
     for m, k, n, r in args.shape:
-        key, decision = tune(device, DTYPES[args.dtype], m, k, n, r, args.dropout)
+        key, decision = tune(device, DTYPES[args.dtype], m, k, n, r, args.dropout, args.base)
         if args.json:
             print(json.dumps({"key": key, **decision}))
         else:
             ms = decision["ms"]
             print(
-                f"{m}x{k}x{n}x{r} {args.dtype} dropout={args.dropout:g}: {decision['provider']} "
+                f"{m}x{k}x{n}x{r} {args.dtype} dropout={args.dropout:g}: {decision['provider']}"
+                + (f" ({decision['strategy']})" if "strategy" in decision else "")
+                + " "
                 f"(tables {ms['tables']:.4g} ms, best Triton {ms['best_triton']:.4g} ms, "
                 f"torch {ms[TORCH]:.4g} ms) -> {cache_path()}"
             )

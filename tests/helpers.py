@@ -114,3 +114,16 @@ BACKEND_TOL = {
 def read_mask(m, k, p, seed, backend):
     """The boolean ``(m, k)`` keep-mask a call with this seed draws on ``backend``."""
     return drawn_mask(m, k, p, seed, backend, BACKEND_DEVICE[backend])
+
+
+def assert_matches_eager(f, compiled, x, A, B, label: str = "") -> None:
+    """``compiled`` (a ``torch.compile`` of ``f``) gives ``f(x, A, B)``'s output and its
+    gradients for ``x``, ``A`` and ``B`` (a loss of ``y.square().sum()``), to 1e-6 relative."""
+    results = []
+    for fn in (f, compiled):
+        y = fn(x, A, B)
+        y.square().sum().backward()
+        results.append((y.detach(), x.grad.clone(), A.grad.clone(), B.grad.clone()))
+        x.grad = A.grad = B.grad = None
+    for name, got, want in zip(("y", "dx", "dA", "dB"), results[1], results[0]):
+        assert_close(f"{label}{name}", got, want.double(), 1e-6)

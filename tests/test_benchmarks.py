@@ -73,6 +73,25 @@ def test_roofline_reproduces_the_design_figures():
     assert abs(peft * 1e3 - 1.06) < 0.01
 
 
+def test_roofline_models_the_4bit_strategies():
+    """Over an NF4 base: the break-even of the two strategies (docs/qlora.md's table), and our
+    provider decoding in the K loop below it (no dequantization kernel, the decoding's lane
+    operations on the two GEMMs of W) and dequantizing above, as bitsandbytes does throughout."""
+    from lora_kernels import roofline
+
+    assert roofline.in_loop_max_tokens("H100") == 512
+    assert roofline.in_loop_max_tokens("A100") == 271
+    assert roofline.in_loop_max_tokens("H100", elem=4) == 1024  # float32: 4 bytes saved
+    for m, in_loop in [(256, True), (512, True), (513, False), (8192, False)]:
+        shape = roofline.Shape(m, 4096, 4096, 16, base="nf4")
+        ours = roofline.kernels("lora_kernels", shape, "fwd+bwd", "H100")
+        dequants = [kernel for kernel in ours if kernel[0].startswith("dequant W")]
+        decoding = [kernel for kernel in ours if len(kernel) == 4]
+        assert (len(dequants), len(decoding)) == ((0, 2) if in_loop else (2, 0)), m
+        theirs = roofline.kernels("peft", shape, "fwd+bwd", "H100")
+        assert sum(kernel[0].startswith("dequant W") for kernel in theirs) == 2
+
+
 def test_bench_fused_chosen_shape_and_dtype(tmp_path):
     """--shape / --dtype replace the device's default set."""
     bench = load("bench_fused")

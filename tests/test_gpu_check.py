@@ -62,6 +62,11 @@ TINY_STAGES = [
         "target", 1, lambda device, out: gpu_check.stage_target(device, (16, 32, 48, 4))
     ),
     gpu_check.Stage(
+        "qlora",
+        1,
+        lambda device, out: gpu_check.stage_qlora(device, (32, 48, 4), (3, 600), tuned_tokens=(3,)),
+    ),
+    gpu_check.Stage(
         "tuner", 1, lambda device, out: gpu_check.stage_tuner(device, [(8, 32, 16, 4)])
     ),
     gpu_check.Stage("model", 1, gpu_check.stage_model, lambda: "not in this test"),
@@ -81,23 +86,41 @@ def test_every_stage_runs_and_writes_its_json(tmp_path, monkeypatch):
     summary = gpu_check.run(tmp_path / "out", 600, DEVICE, TINY_STAGES, log=lambda *_: None)
     tune.reset()
     status = {name: s["status"] for name, s in summary["stages"].items()}
-    assert status == {"correctness": "done", "target": "done", "tuner": "done", "model": "skipped"}
+    assert status == {
+        "correctness": "done", "target": "done", "qlora": "done", "tuner": "done",
+        "model": "skipped",
+    }  # fmt: skip
     files = {p.name for p in (tmp_path / "out").iterdir()}
-    assert files == {"summary.json", "correctness.json", "target.json", "tuner.json", "tune.json"}
+    assert files == {
+        "summary.json", "correctness.json", "target.json", "qlora.json", "tuner.json", "tune.json"
+    }  # fmt: skip
     assert not (tmp_path / "user-cache.json").exists()  # the run's decisions stay in its folder
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert on_disk["stages"] == summary["stages"] and on_disk["torch"] == torch.__version__
 
     correctness = json.loads((tmp_path / "out" / "correctness.json").read_text())
-    # 8 cases over 16-bit bases, 2 over a 4-bit one (bfloat16 only: 4-bit bases compute in 16 bits)
-    assert correctness["failed"] == 0 and correctness["passed"] == 10
+    # 8 cases over 16-bit bases, 4 over a 4-bit one (bfloat16 only: 4-bit bases compute in 16
+    # bits; each dropout with each strategy)
+    assert correctness["failed"] == 0 and correctness["passed"] == 12
     for case in correctness["cases"]:
         assert case["deterministic"] and case["worst"] <= case["tolerance"]
         grads = {"dx", "dbias", "dlora_A", "dlora_B"} | (
             {"dweight"} if case["base"] == "16bit" else set()
         )
         assert set(case["errors"]) == {"y"} | grads
-    assert sum(c["base"] == "nf4" and c["dequant_bitwise"] for c in correctness["cases"]) == 2
+    four_bit = [c for c in correctness["cases"] if c["base"] == "nf4"]
+    assert all(c["dequant_bitwise"] for c in four_bit)
+    assert sorted(c["strategy"] for c in four_bit) == ["buffer", "buffer", "in_loop", "in_loop"]
+
+    qlora = json.loads((tmp_path / "out" / "qlora.json").read_text())
+    assert [row["M"] for row in qlora["rows"]] == [3, 600]  # either side of the threshold
+    assert [row["chosen"] for row in qlora["rows"]] == ["in_loop", "buffer"]
+    assert qlora["in_loop_max_m"] == 512
+    for row in qlora["rows"]:
+        assert set(row["ms"]) == {"in_loop", "buffer", "16bit_fused", "16bit_linear"}
+        assert all(ms > 0 for ms in row["ms"].values())
+    (tuned,) = qlora["tuned"]
+    assert tuned["key"].endswith("|nf4") and tuned["strategy"] in ("in_loop", "buffer")
 
     target = json.loads((tmp_path / "out" / "target.json").read_text())
     assert set(target["providers"]) >= {"fused_tables", "tuned", "torch_path", "linear", "peft"}

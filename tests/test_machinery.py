@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import assert_close
+from helpers import assert_close, assert_matches_eager
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -204,14 +204,7 @@ def test_data_parallel_gradients_equal_full_batch(tmp_path, how):
 
 def assert_compiled_matches_eager(f, x, A, B):
     """``f(x, A, B)`` and its ``torch.compile(fullgraph=True)``: same output and gradients."""
-    results = []
-    for fn in (f, torch.compile(f, fullgraph=True)):
-        y = fn(x, A, B)
-        y.square().sum().backward()
-        results.append((y.detach(), x.grad.clone(), A.grad.clone(), B.grad.clone()))
-        x.grad = A.grad = B.grad = None
-    for name, compiled, eager in zip(("y", "dx", "dA", "dB"), results[1], results[0]):
-        assert_close(name, compiled, eager.double(), 1e-6)
+    assert_matches_eager(f, torch.compile(f, fullgraph=True), x, A, B)
 
 
 @pytest.mark.inductor
@@ -299,14 +292,7 @@ def test_compile_fullgraph_dynamic_shapes(backend, dynamic):
     compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
     for m in (3, 5, 9):
         x = torch.randn(m, 16, generator=gen).to(dev).requires_grad_(True)
-        results = []
-        for fn in (f, compiled):
-            y = fn(x, A, B)
-            y.square().sum().backward()
-            results.append((y.detach(), x.grad.clone(), A.grad.clone(), B.grad.clone()))
-            x.grad = A.grad = B.grad = None
-        for name, got, want in zip(("y", "dx", "dA", "dB"), results[1], results[0]):
-            assert_close(f"m={m} {name}", got, want.double(), 1e-6)
+        assert_matches_eager(f, compiled, x, A, B, f"m={m} ")
 
 
 @pytest.mark.inductor

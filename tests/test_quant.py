@@ -12,11 +12,27 @@ import pytest
 import torch
 from helpers import BACKEND_DEVICE as DEVICE
 from helpers import BACKEND_TOL as TOL
-from helpers import KERNEL_DEVICE, assert_close, read_mask, reference_with_grads
+from helpers import (
+    KERNEL_DEVICE,
+    assert_close,
+    assert_matches_eager,
+    read_mask,
+    reference_with_grads,
+)
 from torch import nn
 
-from lora_kernels import LoRALayer, adapters, from_peft, inject_lora, lora_linear, quant
+from lora_kernels import (
+    LoRALayer,
+    adapters,
+    from_peft,
+    inject_lora,
+    lora_linear,
+    quant,
+    roofline,
+    triton_path,
+)
 from lora_kernels.kernels import dequant
+from lora_kernels.kernels.fused_mm import fused_mm, fused_mm_config
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
@@ -95,6 +111,54 @@ def test_dequantize_is_bitsandbytes(quant_type, nested, blocksize, dtype):
         assert torch.equal(bits(kernel), bits(theirs)), (n, k)
 
 
+# Small tiles: several along N and K, so tiles start inside scale blocks (and, with odd K, rows
+# on a low nibble).
+SMALL_TILES = {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4,
+               "num_stages": 1}  # fmt: skip
+
+
+def in_loop_mm(x, w, dtype, *, lora=None):
+    """``x @ w`` by the fused kernel reading a 4-bit ``w`` (a ``quant.Packed``) in its K loop,
+    or a dense one; ``lora``: ``(P, Q)``, zeros by default."""
+    k, n = w.shape
+    p, q = lora if lora is not None else (x.new_zeros(k, 1), x.new_zeros(1, n))
+    upcast = x.device.type == "cpu" and dtype == torch.bfloat16
+    return fused_mm(x, w, None, p, q, 0.5, config=SMALL_TILES, precision="ieee", upcast=upcast)
+
+
+@pytest.mark.parametrize(
+    "quant_type, nested, blocksize, dtype",
+    [(*fmt, torch.bfloat16) for fmt in itertools.product(["nf4", "fp4"], [False, True], [64, 256])]
+    + [("fp4", True, 128, dtype) for dtype in DTYPES],
+)
+def test_in_loop_dequantization_is_bitsandbytes(quant_type, nested, blocksize, dtype):
+    """The other Triton strategy: the fused kernel decoding 4-bit tiles in its K loop. Times the
+    identity (exact in fp32 accumulation) it gives W^T (forward's operand) and W (dx's) bit for
+    bit (but the sign of zero) as bitsandbytes dequantizes them; over random x and adapters its
+    output and T are the buffer strategy's (the dequant kernel's W, then the same kernel) bit
+    for bit. Odd N and K: rows starting on a low nibble, tiles inside a scale block."""
+    for n, k in [(33, 130), (40, 45)]:
+        packed, state, _ = quantized(
+            n, k, quant_type=quant_type, nested=nested, blocksize=blocksize, dtype=dtype
+        )
+        theirs = bnb_dequantize(packed, state)
+        on_device = packed.to(KERNEL_DEVICE)
+        on_device.quant_state = state
+        w = quant.packed(on_device)
+        for operand, size, want in [(w.t(), k, theirs.t()), (w, n, theirs)]:
+            eye = torch.eye(size, dtype=dtype, device=KERNEL_DEVICE)
+            out, _ = in_loop_mm(eye, operand, dtype)
+            assert torch.equal(bits(out.cpu()), bits(want.contiguous())), (n, k, operand.shape)
+        gen = torch.Generator().manual_seed(n * k)
+        x = torch.randn(19, k, generator=gen).to(dtype).to(KERNEL_DEVICE)
+        lora = [(torch.randn(*s, generator=gen) * 0.1).to(dtype).to(KERNEL_DEVICE)
+                for s in ((k, 5), (5, n))]  # fmt: skip
+        buffer = dequant.dequantize(on_device, dtype)
+        for got, expected in zip(in_loop_mm(x, w.t(), dtype, lora=lora),
+                                 in_loop_mm(x, buffer.t(), dtype, lora=lora)):  # fmt: skip
+            assert torch.equal(bits(got.cpu()), bits(expected.cpu())), (n, k)
+
+
 def test_dequantize_in_pieces(monkeypatch):
     """Pieces of a few blocks (the last one short) give the same weight as one piece."""
     packed, state, _ = quantized(37, 130, blocksize=64)
@@ -133,13 +197,33 @@ def reference_grads(x, w, bias, lora_A, lora_B, scaling, dy, mask=None, p=0.0):
     return y, [grads[name] for name in ("x", "lora_A", "lora_B")]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.fixture
+def dequant_calls(monkeypatch):
+    """How many times the Triton path dequantized a 4-bit weight into a buffer."""
+    calls = []
+    real = dequant.launch_dequant
+
+    def counted(packed, scales, code, out, blocksize):
+        calls.append(out.dtype)
+        return real(packed, scales, code, out, blocksize)
+
+    monkeypatch.setattr(dequant, "launch_dequant", counted)
+    return calls
+
+
+@pytest.mark.parametrize("backend, strategy", [("torch", ""), ("triton", "in_loop"),
+                                               ("triton", "buffer")])  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("m, k, n, rank", [(7, 45, 33, 1), (20, 130, 64, 16), (5, 64, 17, 64)])
-def test_lora_linear_takes_the_4bit_weight(backend, dtype, p, m, k, n, rank):
+def test_lora_linear_takes_the_4bit_weight(
+    backend, strategy, dtype, p, m, k, n, rank, monkeypatch, dequant_calls
+):
     """Output and every gradient equal the float64 reference on bitsandbytes' dequantized
-    weight (with the read-back mask at p > 0), on both backends; odd shapes, ranks 1 to 64."""
+    weight (with the read-back mask at p > 0), on both backends and both Triton strategies
+    (the one asked for is the one that ran: no buffer in the loop, one per use of W else);
+    odd shapes, ranks 1 to 64."""
+    monkeypatch.setenv("LORA_KERNELS_4BIT", strategy)
     dev = DEVICE[backend]
     packed, state, _ = quantized(n, k, dtype=dtype, seed=m + k)
     w = bnb_dequantize(packed, state)
@@ -158,11 +242,76 @@ def test_lora_linear_takes_the_4bit_weight(backend, dtype, p, m, k, n, rank):
         dropout_p=p, seed=11, backend=backend,
     )  # fmt: skip
     y.backward(dy.to(dev))
+    assert len(dequant_calls) == {"": 0, "in_loop": 0, "buffer": 2}[strategy]
     y_ref, grads_ref = reference_grads(x, w, bias, lora_A, lora_B, 0.5, dy, mask, p)
     tol = TOL[backend][dtype]
     assert_close("y", y, y_ref, tol)
     for name, leaf, g in zip(["dx", "dA", "dB"], leaves, grads_ref):
         assert_close(name, leaf.grad, g, tol)
+
+
+def test_the_strategy_follows_the_roofline_threshold(monkeypatch, dequant_calls):
+    """Unforced, the Triton path reads a 4-bit W in the K loop up to the threshold (the
+    roofline's break-even for its GPU's tables) and dequantizes it into a buffer above; a bad
+    LORA_KERNELS_4BIT is named before anything runs."""
+    monkeypatch.delenv("LORA_KERNELS_4BIT", raising=False)
+    device = torch.device(KERNEL_DEVICE)
+    for arch, gpu, dtype in [(9, "H100", torch.bfloat16), (8, "A100", torch.float16)]:
+        block_m = fused_mm_config(arch, dtype, 16, four_bit=True)["BLOCK_M"]
+        facts = (arch, triton_path.INTERPRETER_SMS)
+        with monkeypatch.context() as patch:  # the device's config tables: Hopper's, Ampere's
+            patch.setattr(triton_path, "_device_facts", lambda device, facts=facts: facts)
+            threshold = triton_path.in_loop_max_m(device, dtype)
+        assert threshold == roofline.in_loop_max_tokens(gpu, block_m)
+    # float32: 4 bytes saved per element, not 2
+    block_m = fused_mm_config(9, torch.float32, 16, four_bit=True)["BLOCK_M"]
+    threshold = triton_path.in_loop_max_m(device, torch.float32)
+    assert threshold == roofline.in_loop_max_tokens("H100", block_m, 4)
+    assert triton_path.in_loop(device, torch.float32, threshold)
+    assert not triton_path.in_loop(device, torch.float32, threshold + 1)
+    packed, state, _ = quantized(24, 64)
+    packed = packed.to(KERNEL_DEVICE)
+    packed.quant_state = state
+    A, B = torch.randn(64, 4), torch.randn(4, 24)
+    for m, calls in [(3, 0), (threshold + 1, 1)]:
+        dequant_calls.clear()
+        x = torch.randn(m, 64).to(KERNEL_DEVICE)
+        lora_linear(x, packed, None, A.to(x.device), B.to(x.device), backend="triton")
+        assert len(dequant_calls) == calls, m
+    monkeypatch.setenv("LORA_KERNELS_4BIT", "fused")
+    with pytest.raises(ValueError, match="LORA_KERNELS_4BIT='fused'.*in_loop, buffer"):
+        lora_linear(x, packed, None, A.to(x.device), B.to(x.device), backend="triton")
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic"])
+@pytest.mark.parametrize("backend, strategy", [("torch", ""), ("triton", "in_loop"),
+                                               ("triton", "buffer")])  # fmt: skip
+def test_compile_fullgraph_over_a_4bit_base(backend, strategy, dynamic, monkeypatch):
+    """``lora_linear`` on a 4-bit weight inside one torch.compile graph (the Triton path's
+    launches, the dequantization's included, are opaque ops) equals eager, output and every
+    gradient, over batches of several sizes, with dropout (an explicit seed)."""
+    monkeypatch.setenv("LORA_KERNELS_4BIT", strategy)
+    dev = DEVICE[backend]
+    packed, state, _ = quantized(12, 16)
+    packed = packed.to(dev)
+    packed.quant_state = state
+    gen = torch.Generator().manual_seed(4)
+    A = torch.randn(16, 4, generator=gen).to(dev).requires_grad_(True)
+    B = torch.randn(4, 12, generator=gen).to(dev).requires_grad_(True)
+
+    def f(x, A, B):
+        return lora_linear(x, packed, None, A, B, 0.5, dropout_p=0.2, seed=7, backend=backend)
+
+    torch._dynamo.reset()
+    stats = torch._dynamo.utils.counters["stats"]
+    graphs = stats["unique_graphs"]
+    with torch._dynamo.config.patch(disable=False):  # the module's fixture turns dynamo off
+        compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
+        for m in (3, 5, 9):
+            x = torch.randn(m, 16, generator=gen).to(dev).requires_grad_(True)
+            assert_matches_eager(f, compiled, x, A, B, f"m={m} ")
+    assert stats["unique_graphs"] > graphs  # it compiled
 
 
 def test_nothing_16_bit_is_kept():

@@ -359,6 +359,74 @@ def test_compile_fullgraph_takes_the_decision_as_a_constant_triton_path(auto_on_
         assert_close(f"M={m}", compiled(x), layer(x).double(), 1e-5)
 
 
+def test_a_decision_stored_before_the_4bit_configs_takes_the_tables_ones():
+    """A cached plan without the fields newer releases added (the 4-bit in-loop configs) is
+    completed from the tables, not left empty for a 4-bit call to trip on."""
+    tables = triton_path.plan_for(DEVICE, torch.float32, 16, False)
+    old = dataclasses.asdict(dataclasses.replace(tables, fwd={**tables.fwd, "BLOCK_M": 32}))
+    del old["fwd_4bit"], old["dx_4bit"]
+    tune.store(key(6, 32, 48, 16), {"provider": "triton", "plan": old, "ms": {}})
+    chosen = tune.choose(DEVICE, torch.float32, 6, 32, 48, 16, False, True)
+    plan = triton_path.plan_from_str(chosen)
+    assert plan.fwd["BLOCK_M"] == 32  # the decision's own
+    assert (plan.fwd_4bit, plan.dx_4bit) == (tables.fwd_4bit, tables.dx_4bit)
+
+
+# --- 4-bit bases ------------------------------------------------------------------------------
+
+
+def four_bit_call(m, k=32, n=48, rank=4, **kwargs):
+    """``lora_linear`` over a synthetic NF4 weight, ``x`` and the adapters requiring grad, one
+    forward and backward; returns how many times a buffer was dequantized."""
+    from lora_kernels import quant
+    from lora_kernels.kernels import dequant
+
+    gen = torch.Generator().manual_seed(m)
+    packed = quant.synthetic_4bit(n, k, DEVICE, torch.float32, gen)
+    x = torch.randn(m, k, generator=gen).to(DEVICE).requires_grad_(True)
+    A = torch.randn(k, rank, generator=gen).to(DEVICE).requires_grad_(True)
+    B = torch.randn(rank, n, generator=gen).to(DEVICE).requires_grad_(True)
+    calls, real = [], dequant.launch_dequant
+    dequant.launch_dequant = lambda *args: calls.append(1) or real(*args)
+    try:
+        lora_linear(x, packed, None, A, B, 0.5, **kwargs).sum().backward()
+    finally:
+        dequant.launch_dequant = real
+    return len(calls)
+
+
+@pytest.mark.parametrize("fastest", ["in_loop", "buffer", "torch"])
+def test_4bit_keys_measure_both_strategies_and_the_torch_path(monkeypatch, fastest, auto_on_cpu):
+    """A key over a 4-bit weight (``|nf4``) times the in-loop strategy, the buffer and the torch
+    path; a call of that key then runs what measured fastest, whatever the roofline threshold
+    says (M = 6 is below it: untuned, it decodes in the K loop)."""
+    order = list(tune.FOUR_BIT_CANDIDATES)
+    times = iter([1.0 if name == fastest else 5.0 for name in order])
+    monkeypatch.setattr(tune, "_time_ms", lambda fn, device: fn() or next(times))
+    key_, decision = tune.tune(DEVICE, torch.float32, 6, 32, 48, 4, base="nf4")
+    assert key_ == key(6, 32, 48, 4) + "|nf4"  # the 16-bit key, marked
+    assert [c["name"] for c in decision["candidates"]] == order
+    assert decision["provider"] == ("torch" if fastest == "torch" else "triton")
+    assert decision["strategy"] == ("in_loop" if fastest == "torch" else fastest)
+    assert decision["ms"]["tables"] == (1.0 if fastest == "in_loop" else 5.0)
+    strategy = tune.four_bit_strategy(DEVICE, torch.float32, 6, 32, 48, padded_rank(4), False)
+    assert strategy == decision["strategy"]
+    seen = calls_of(monkeypatch)
+    buffers = four_bit_call(6)
+    assert seen == (["forward"] if fastest == "torch" else ["forward_op"])
+    assert buffers == (2 if fastest == "buffer" else 0)  # torch: its own ops dequantize
+    assert four_bit_call(6, backend="triton") == (2 if fastest == "buffer" else 0)
+
+
+def test_4bit_calls_without_a_decision_follow_the_threshold(auto_on_cpu):
+    """No 4-bit decision (a 16-bit one for the same shape does not count): the strategy is the
+    roofline threshold's."""
+    plan = triton_path.plan_for(DEVICE, torch.float32, 4, False)
+    tune.store(key(6, 32, 48, 4), {**decision_for(plan), "strategy": "buffer"})
+    assert tune.four_bit_strategy(DEVICE, torch.float32, 6, 32, 48, padded_rank(4), False) == ""
+    assert four_bit_call(6) == 0  # M = 6: in the K loop
+
+
 # --- the command line ---------------------------------------------------------------------------
 
 

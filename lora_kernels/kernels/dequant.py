@@ -20,6 +20,24 @@ BLOCK = 1024  # elements per program: 512 bytes read, 2 KiB of bf16 written
 
 
 @triton.jit
+def decode(packed_ptr, absmax_ptr, code_ptr, base, offs, mask, BLOCKSIZE: tl.constexpr):
+    """fp32 ``code[q] * absmax[block]`` of the elements ``base + offs`` of the flat weight
+    (``base`` an int64 scalar, ``offs`` an int32 tile of any shape), 0 where ``mask`` is off.
+
+    NOTE: the tile's offsets stay 32-bit (half the registers of int64 ones, which the fused
+    kernels' K loop cannot spare); the 64-bit part is split off the scalar ``base``: its
+    parity and its offset inside a block join the tile, its byte and block indices join the
+    pointers."""
+    lead = (base % 2).to(tl.int32) + offs
+    byte = tl.load(packed_ptr + base // 2 + lead // 2, mask=mask, other=0).to(tl.int32)
+    q = tl.where(lead % 2 == 0, byte >> 4, byte & 15)
+    value = tl.load(code_ptr + q, mask=mask, other=0.0)
+    in_block = (base % BLOCKSIZE).to(tl.int32) + offs
+    scale = tl.load(absmax_ptr + base // BLOCKSIZE + in_block // BLOCKSIZE, mask=mask, other=0.0)
+    return value * scale
+
+
+@triton.jit
 def dequant_4bit_kernel(
     packed_ptr,  # uint8, (total + 1) // 2
     absmax_ptr,  # fp32, one per block of BLOCKSIZE elements
@@ -31,24 +49,20 @@ def dequant_4bit_kernel(
     UPCAST: tl.constexpr,  # the interpreter with a bfloat16 output: to_output rounds to even
 ):
     # NOTE: int64 offsets: a weight can pass 2**31 elements (a 128k-vocabulary head).
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < total
-    byte = tl.load(packed_ptr + offs // 2, mask=inside, other=0).to(tl.int32)
-    q = tl.where(offs % 2 == 0, byte >> 4, byte & 15)
-    value = tl.load(code_ptr + q, mask=inside, other=0.0)
-    scale = tl.load(absmax_ptr + offs // BLOCKSIZE, mask=inside, other=0.0)
-    out = to_output(value * scale, out_ptr.dtype.element_ty, UPCAST)
-    tl.store(out_ptr + offs, out, mask=inside)
+    base = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = tl.arange(0, BLOCK)
+    inside = base + offs < total
+    values = decode(packed_ptr, absmax_ptr, code_ptr, base, offs, inside, BLOCKSIZE)
+    out = to_output(values, out_ptr.dtype.element_ty, UPCAST)
+    tl.store(out_ptr + base + offs, out, mask=inside)
 
 
 def dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``W (N, K)`` in ``dtype`` from a bitsandbytes 4-bit ``weight``: ``quant.dequantize``'s
     math, in one launch, into a new tensor (the caller's transient buffer)."""
-    state = weight.quant_state
-    packed = weight.detach().reshape(-1).view(torch.uint8)
-    code = quant.code_table(state.quant_type, packed.device)
-    out = alloc(quant.shape(weight), dtype, packed.device)
-    launch_dequant(packed, quant.absmax(state).contiguous(), code, out, int(state.blocksize))
+    w = quant.packed(weight)
+    out = alloc(w.shape, dtype, w.data.device)
+    launch_dequant(w.data, w.scales, w.code, out, w.blocksize)
     return out
 
 

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import quant
 from ..dropout import keep_threshold
 from .common import (
     acc_dtype,
@@ -32,6 +33,7 @@ from .common import (
     tl_dtype,
     to_output,
 )
+from .dequant import decode
 
 # Tile configs per GPU generation (compute-capability major), 16-bit inputs. Hopper takes a wider
 # N tile (more reuse of each x tile, and the LoRA dot's r / BLOCK_N extra work halves) with 8 warps
@@ -122,6 +124,23 @@ CONFIGS_16BIT_DROPOUT_DX = {
         "num_stages": 3,
     },
 }
+# A 4-bit W dequantized in the K loop (quant.Packed; the small-M strategy, docs/qlora.md): the
+# loop decodes its (BLOCK_K x BLOCK_N) tile in registers before the dot (offsets, bytes, codes,
+# scales: several registers an element), so the tiles are smaller than the 16-bit tables' (which
+# spill), and 64 rows: the strategy runs up to M ~ 512 tokens, where wider M tiles would be
+# mostly masked rows. One tile for both generations, no spills at ranks 4 to 64, dropout or not
+# (`inspect --base nf4`). Tried: 8 warps (Triton 3.2 crashes building them for sm_90), BLOCK_K 64
+# (dx spilled on sm_80; 64 x 128 x 64 spilled on sm_100), 64 x 128 x 32 over 4 warps (spilled).
+CONFIGS_4BIT = {
+    8: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+    9: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+}
+# float32 compute over a 4-bit W (FMA dots, operands in registers): one narrow tile for both
+# generations and every rank (the 16-bit fp32 tables spill up to 118 times with the decoding).
+CONFIGS_4BIT_FP32 = {
+    8: {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    9: {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+}
 # Newer GPUs than the tables know run Hopper's config; older ones Ampere's.
 KNOWN_ARCHS = (8, 9)
 
@@ -146,12 +165,17 @@ def fused_mm_t_config(arch: int, dtype: torch.dtype) -> dict:
     return dict(table[arch])
 
 
-def fused_mm_config(arch: int, dtype: torch.dtype, rank: int, dropout_out: bool = False) -> dict:
+def fused_mm_config(
+    arch: int, dtype: torch.dtype, rank: int, dropout_out: bool = False, four_bit: bool = False
+) -> dict:
     """The launch config for compute-capability major ``arch``, input ``dtype`` and ``rank``;
-    ``dropout_out`` for the dx launch with dropout."""
+    ``dropout_out`` for the dx launch with dropout, ``four_bit`` for a 4-bit W dequantized in
+    the K loop."""
     arch = min(max(arch, KNOWN_ARCHS[0]), KNOWN_ARCHS[-1])
     large = padded_rank(rank) >= LARGE_RANK
     sixteen_bit = dtype in (torch.float16, torch.bfloat16)
+    if four_bit:
+        return dict((CONFIGS_4BIT if sixteen_bit else CONFIGS_4BIT_FP32)[arch])
     if dropout_out and sixteen_bit and (arch, large) in CONFIGS_16BIT_DROPOUT_DX:
         return dict(CONFIGS_16BIT_DROPOUT_DX[arch, large])
     if not sixteen_bit:
@@ -173,6 +197,8 @@ def _lora_fwd_kernel(
     q_ptr,  # Q   (RANK, N)
     out_ptr,  # out (M, N), only written with STORE_OUT
     t_ptr,  # T   (M, RANK) ACC, only written with STORE_T
+    ws_ptr,  # FOUR_BIT: fp32 scales of W's blocks of QBLOCK elements (w_ptr: its packed bytes)
+    wc_ptr,  # FOUR_BIT: fp32 code table (16 entries)
     # sizes
     M,
     N,
@@ -211,6 +237,8 @@ def _lora_fwd_kernel(
     ACC: tl.constexpr,  # accumulator dtype: float32 (float64 for float64 inputs)
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    FOUR_BIT: tl.constexpr,  # Wt is bitsandbytes' 4-bit W, dequantized tile by tile in the K loop
+    QBLOCK: tl.constexpr,  # FOUR_BIT: elements per scale
 ):
     # --- tile mapping: grouped order, so GROUP_M row-blocks share each Wt column-block in L2
     pid = tl.program_id(0)
@@ -237,6 +265,8 @@ def _lora_fwd_kernel(
     # --- main loop: each X tile is loaded once and feeds both dots (T_IN: only the base GEMM)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     xp = tl.zeros((BLOCK_M, R), dtype=ACC)
+    if FOUR_BIT:  # the flat index of the tile's first element (int64, as the x rows)
+        w_first = (pid_n * BLOCK_N).to(tl.int64) * stride_wn
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_kb
         mask_k = offs_k < K
@@ -247,11 +277,22 @@ def _lora_fwd_kernel(
             other=0.0,
         )
         if STORE_OUT:
-            w = tl.load(
-                w_cols + offs_k64[:, None] * stride_wk,
-                mask=mask_k[:, None] & mask_n[None, :],
-                other=0.0,
-            )
+            if FOUR_BIT:
+                # NOTE: the strides are W's, in elements of the flat 4-bit sequence; the tile is
+                # decoded in fp32 and rounded once to X's dtype, as the dequant kernel rounds.
+                w = decode(
+                    w_ptr, ws_ptr, wc_ptr, w_first,
+                    offs_kb[:, None] * stride_wk + tl.arange(0, BLOCK_N)[None, :] * stride_wn,
+                    mask_k[:, None] & mask_n[None, :], QBLOCK,
+                )  # fmt: skip
+                w = to_output(w, x_ptr.dtype.element_ty, UPCAST)
+                w_first += BLOCK_K * stride_wk
+            else:
+                w = tl.load(
+                    w_cols + offs_k64[:, None] * stride_wk,
+                    mask=mask_k[:, None] & mask_n[None, :],
+                    other=0.0,
+                )
             acc = mma(x, w, acc, PRECISION, UPCAST)
         if not T_IN:
             p = tl.load(
@@ -343,18 +384,25 @@ def fused_mm(
     t_in: torch.Tensor | None = None,
     name: str = "lora_fwd",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Launch ``_lora_fwd_kernel``: ``x (M, K)``, ``wt (K, N)``, ``p (K, r)``, ``q (r, N)``
-    (any strides) -> ``(out (M, N) | None, T (M, r) float32 (float64) | None)``. ``name`` labels the
+    """Launch ``_lora_fwd_kernel``: ``x (M, K)``, ``wt (K, N)`` (a tensor, or a 4-bit
+    ``quant.Packed``, dequantized in the K loop), ``p (K, r)``, ``q (r, N)`` (any strides) ->
+    ``(out (M, N) | None, T (M, r) float32 (float64) | None)``. ``name`` labels the
     launch for ``inspect``. ``t_in``: a T computed by an earlier ``store_out=False`` launch, read
     instead of recomputing ``X P`` (then nothing is stored into T)."""
     (m, k), n, rank = x.shape, wt.shape[1], p.shape[1]
+    # T-only launches read no W: over a 4-bit one too, the 16-bit build serves (x stands in).
+    four_bit = isinstance(wt, quant.Packed) and store_out
+    if isinstance(wt, quant.Packed):
+        w_arg, ws_arg, wc_arg = (wt.data, wt.scales, wt.code) if four_bit else (x, x, x)
+    else:
+        w_arg, ws_arg, wc_arg = wt, x, x
     out, t, out_arg, t_arg = launch_outputs(x, n, rank, store_out, store_t, t_in)
     if m == 0:
         return out, t
     n_tiles = triton.cdiv(n, config["BLOCK_N"]) if store_out else 1
     grid = (triton.cdiv(m, config["BLOCK_M"]) * n_tiles,)
     args = (
-        x, wt, bias if bias is not None else x, p, q, out_arg, t_arg,
+        x, w_arg, bias if bias is not None else x, p, q, out_arg, t_arg, ws_arg, wc_arg,
         m, n, k, rank,
         x.stride(0), x.stride(1),
         wt.stride(0), wt.stride(1),
@@ -366,6 +414,7 @@ def fused_mm(
     )  # fmt: skip
     meta = launch_meta(x, bias, rank, t, t_in, store_out, dropout_in, dropout_out, config,
                        precision, upcast)  # fmt: skip
+    meta.update(FOUR_BIT=four_bit, QBLOCK=wt.blocksize if four_bit else 1)
     launch(name, _lora_fwd_kernel, grid, args, meta)
     return out, t
 
