@@ -33,6 +33,7 @@ from lora_kernels import (
 )
 from lora_kernels.kernels import dequant
 from lora_kernels.kernels.fused_mm import fused_mm, fused_mm_config
+from lora_kernels.reference import lora_linear_reference
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
@@ -248,6 +249,36 @@ def test_lora_linear_takes_the_4bit_weight(
     assert_close("y", y, y_ref, tol)
     for name, leaf, g in zip(["dx", "dA", "dB"], leaves, grads_ref):
         assert_close(name, leaf.grad, g, tol)
+
+
+@pytest.mark.parametrize("strategy", ["in_loop", "buffer"])
+@pytest.mark.parametrize(
+    "storage, blocksize", [(torch.uint8, 64), (torch.float32, 4096), (torch.bfloat16, 128)]
+)
+def test_both_strategies_take_any_input_layout(strategy, storage, blocksize, monkeypatch):
+    """Either Triton strategy over another quant_storage and blocksizes up to bitsandbytes'
+    largest (FP4): an empty batch, a 3-D input and a strided one, output and dx against the
+    float64 reference on bitsandbytes' dequantized weight."""
+    monkeypatch.setenv("LORA_KERNELS_4BIT", strategy)
+    w = torch.randn(40, 70, generator=torch.Generator().manual_seed(blocksize)) * 0.2
+    packed, state = F.quantize_4bit(w, blocksize=blocksize, quant_type="fp4", quant_storage=storage)
+    packed.quant_state = state
+    w = F.dequantize_4bit(packed, state).double()
+    packed = packed.to(KERNEL_DEVICE)
+    packed.quant_state = state
+    gen = torch.Generator().manual_seed(1)
+    A, B = torch.randn(70, 3, generator=gen), torch.randn(3, 40, generator=gen)
+    inputs = [torch.randn(0, 70), torch.randn(2, 5, 70), torch.randn(6, 140, generator=gen)[:, ::2]]
+    for x in inputs:
+        x = x.to(KERNEL_DEVICE).requires_grad_(True)
+        y = lora_linear(x, packed, None, A.to(x.device), B.to(x.device), 0.5, backend="triton")
+        dy = torch.randn(y.shape, generator=gen).to(x.device)
+        y.backward(dy)
+        ref = x.detach().double().cpu().requires_grad_(True)
+        y_ref = lora_linear_reference(ref, w, None, A.double(), B.double(), 0.5)
+        y_ref.backward(dy.double().cpu())
+        assert_close(f"{tuple(x.shape)} y", y, y_ref, TOL["triton"][torch.float32])
+        assert_close(f"{tuple(x.shape)} dx", x.grad, ref.grad, TOL["triton"][torch.float32])
 
 
 def test_the_strategy_follows_the_roofline_threshold(monkeypatch, dequant_calls):
