@@ -24,10 +24,10 @@ def decode(packed_ptr, absmax_ptr, code_ptr, base, offs, mask, BLOCKSIZE: tl.con
     """fp32 ``code[q] * absmax[block]`` of the elements ``base + offs`` of the flat weight
     (``base`` an int64 scalar, ``offs`` an int32 tile of any shape), 0 where ``mask`` is off.
 
-    NOTE: the tile's offsets stay 32-bit (half the registers of int64 ones, which the fused
-    kernels' K loop cannot spare); the 64-bit part is split off the scalar ``base``: its
-    parity and its offset inside a block join the tile, its byte and block indices join the
-    pointers."""
+    NOTE: the tile's offsets stay 32-bit (half the registers of int64 ones, in a K loop whose
+    decoding already holds several registers an element); the 64-bit part is split off the
+    scalar ``base``: its parity and its offset inside a block join the tile, its byte and block
+    indices join the pointers."""
     lead = (base % 2).to(tl.int32) + offs
     byte = tl.load(packed_ptr + base // 2 + lead // 2, mask=mask, other=0).to(tl.int32)
     q = tl.where(lead % 2 == 0, byte >> 4, byte & 15)
