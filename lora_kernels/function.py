@@ -377,26 +377,18 @@ class LoRALinearFunction(torch.autograd.Function):
 def _base_weight(packed, weight, dtype: torch.dtype, triton: bool, in_loop: bool):
     """``(weight, four_bit)`` for the backends: ``weight`` itself when not 4-bit; the packed
     bytes and the ops' ``four_bit_args`` when the fused kernels dequantize in their K loop;
-    else the transient dequantized ``(N, K)`` buffer of ``dtype``."""
+    else the transient dequantized ``(N, K)`` buffer of ``dtype`` (by our Triton kernel on the
+    Triton path, by PyTorch ops on the torch path)."""
     if packed is None:
         return weight, {}
+    if not triton:  # PyTorch ops: the same math as the kernels, bit for bit
+        return quant.dequantize(packed, dtype), {}
+    from . import triton_path
+
+    w = quant.packed(packed)
     if in_loop:
-        from . import triton_path
-
-        w = quant.packed(packed)
         return w.data, triton_path.four_bit_args(w)
-    return _dequantize(packed, dtype, triton), {}
-
-
-def _dequantize(packed: torch.Tensor, dtype: torch.dtype, triton: bool) -> torch.Tensor:
-    """A 4-bit weight as ``(N, K)`` of ``dtype``: by our Triton kernel on the Triton path, by
-    PyTorch ops on the torch path (the same math, bit for bit)."""
-    if triton:
-        from . import triton_path
-
-        w = quant.packed(packed)
-        return triton_path.dequantize_op(w.data, w.scales, w.code, *w.shape, w.blocksize, dtype)
-    return quant.dequantize(packed, dtype)
+    return triton_path.dequantize_op(w.data, w.scales, w.code, *w.shape, w.blocksize, dtype), {}
 
 
 def _stand_in(packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

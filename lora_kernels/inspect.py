@@ -100,7 +100,7 @@ def captured_launches(
     """The launches one forward + backward (x, lora_A, lora_B requiring grad) would make, with
     ``plan`` (default: the tables'); ``four_bit``: over a 4-bit W (NF4, blocksize 64) read in
     the K loop, at ``M_4BIT`` tokens."""
-    from . import quant, triton_path
+    from . import triton_path
     from .kernels.common import capture_launches
 
     m = M_4BIT if four_bit else M
@@ -108,10 +108,7 @@ def captured_launches(
     x, dy = torch.empty(m, K, **meta), torch.empty(m, N, **meta)
     weight, bias = torch.empty(N, K, **meta), torch.empty(N, **meta)
     if four_bit:
-        packed = torch.empty(N * K // 2, dtype=torch.uint8, device="meta")
-        scales = torch.empty(N * K // 64, dtype=torch.float32, device="meta")
-        code = torch.empty(16, dtype=torch.float32, device="meta")
-        weight = quant.Packed(packed, scales, code, 64, (N, K), (K, 1))
+        weight = _meta_4bit()
     lora_A, lora_B = torch.empty(K, rank, **meta), torch.empty(rank, N, **meta)
     if plan is None:
         plan = table_plan(arch, dtype, rank, dropout_p)
@@ -200,19 +197,28 @@ def analyse_cubin(cubin: bytes) -> dict:
     }
 
 
-def dequant_launches(dtype: torch.dtype, blocksize: int = 64) -> list:
-    """The launch that dequantizes a 4-bit ``(N, K)`` base weight into ``dtype`` (a QLoRA
-    layer's forward makes one, its backward one more for dx; the fused kernels then run as over a
-    16-bit base)."""
-    from .kernels import dequant
-    from .kernels.common import capture_launches
+def _meta_4bit(blocksize: int = 64):
+    """A 4-bit ``(N, K)`` W (``quant.Packed``) of ``meta`` tensors: what the launches see."""
+    from . import quant
 
     meta = {"device": "meta"}
     packed = torch.empty(N * K // 2, dtype=torch.uint8, **meta)
     scales = torch.empty(N * K // blocksize, dtype=torch.float32, **meta)
-    code, out = torch.empty(16, dtype=torch.float32, **meta), torch.empty(N, K, dtype=dtype, **meta)
+    code = torch.empty(16, dtype=torch.float32, **meta)
+    return quant.packed_w(packed, scales, code, blocksize, N, K)
+
+
+def dequant_launches(dtype: torch.dtype, blocksize: int = 64) -> list:
+    """The launch that dequantizes a 4-bit ``(N, K)`` base weight into ``dtype`` (the buffer
+    strategy: a QLoRA layer's forward makes one, its backward one more for dx; the fused kernels
+    then run as over a 16-bit base)."""
+    from .kernels import dequant
+    from .kernels.common import capture_launches
+
+    w = _meta_4bit(blocksize)
+    out = torch.empty(N, K, dtype=dtype, device="meta")
     with capture_launches() as launches:
-        dequant.launch_dequant(packed, scales, code, out, blocksize)
+        dequant.launch_dequant(w.data, w.scales, w.code, out, blocksize)
     return launches
 
 
@@ -230,8 +236,8 @@ def inspect_group(
     with ``candidates``, also one for each of the tuner's alternatives (``tune.candidates``),
     which change one launch's config each: that launch is built again. With ``base="nf4"``: the
     launches that read a 4-bit W in their K loop (``lora_fwd``, ``lora_bwd_dx``; the others are
-    the 16-bit builds), and the dequantization launch (the other
-    strategy: then the 16-bit builds run) where ``dequant`` says."""
+    the 16-bit builds), plus, where ``dequant`` says, the dequantization launch of the buffer
+    strategy (after which the 16-bit builds run)."""
     from . import tune
 
     dtype = DTYPES[dtype_name]

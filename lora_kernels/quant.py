@@ -139,13 +139,17 @@ class Packed:
         return dataclasses.replace(self, shape=self.shape[::-1], strides=self.strides[::-1])
 
 
+def packed_w(data, scales, code, blocksize: int, n: int, k: int) -> Packed:
+    """``Packed`` W ``(N, K)``, row-major, from its parts."""
+    return Packed(data, scales, code, blocksize, (n, k), (k, 1))
+
+
 def packed(weight: torch.Tensor) -> Packed:
     """``weight`` (a 4-bit ``Params4bit``) as ``Packed`` W: its bytes, its scales decoded."""
     state = weight.quant_state
-    n, k = shape(weight)
     data = weight.detach().reshape(-1).view(torch.uint8)
     code = code_table(state.quant_type, data.device)
-    return Packed(data, absmax(state).contiguous(), code, int(state.blocksize), (n, k), (k, 1))
+    return packed_w(data, absmax(state).contiguous(), code, int(state.blocksize), *shape(weight))
 
 
 def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:

@@ -49,7 +49,7 @@ LANE_OPS = {"H100": 30e12, "A100": 9.7e12}
 DECODE_OPS = 5
 # The in-loop kernels' tiles (kernels/fused_mm.py CONFIGS_4BIT, 16-bit, R < 64).
 BLOCK_M_4BIT = 64
-BLOCK_N_4BIT = {"H100": 64, "A100": 64}
+BLOCK_N_4BIT = 64
 
 
 @dataclass
@@ -131,7 +131,7 @@ def kernels(provider: str, shape: Shape, mode: str, gpu: str = "H100") -> list[t
     elif provider == "lora_kernels":
         rp = max(MIN_DOT_DIM, 1 << (r - 1).bit_length())
         in_loop = shape.base == "nf4" and m <= in_loop_max_tokens(gpu, elem=e)
-        block_n = (BLOCK_N_4BIT if in_loop else BLOCK_N)[gpu]
+        block_n = BLOCK_N_4BIT if in_loop else BLOCK_N[gpu]
         cols = -(-n // block_n)  # columns of output tiles, each repeating the x A dot
         t_bytes = 4 * m * r  # T (M x r) is float32
         lora_epilogue = 2 * 2 * m * rp * n  # (x A) B as hi + lo

@@ -411,4 +411,4 @@ def _weight(weight, w_scales, w_code, w_meta):
     if not w_meta:
         return weight
     n, k, blocksize = w_meta
-    return quant.Packed(weight, w_scales, w_code, blocksize, (n, k), (k, 1))
+    return quant.packed_w(weight, w_scales, w_code, blocksize, n, k)

@@ -357,10 +357,11 @@ def measure(
         return (torch.randn(*shape, generator=gen) * std).to(device, dtype)
 
     x, dy = rand(m, k), rand(m, n)
-    weight, bias = rand(n, k, std=k**-0.5), rand(n)
+    four_bit = base == "nf4"
+    weight = quant.synthetic_4bit(n, k, device, dtype, gen) if four_bit else rand(n, k, std=k**-0.5)
+    bias = rand(n)
     lora_A, lora_B = rand(k, rank, std=k**-0.5), rand(rank, n, std=rank**-0.5)
-    if base == "nf4":
-        weight = quant.synthetic_4bit(n, k, device, dtype, gen)
+    if four_bit:
         return measure_4bit(device, dtype, (x, weight, bias, lora_A, lora_B, dy), dropout_p)
     args = (x, weight, bias, lora_A, lora_B, dy, dropout_p)
 

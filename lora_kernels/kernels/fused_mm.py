@@ -391,11 +391,11 @@ def fused_mm(
     instead of recomputing ``X P`` (then nothing is stored into T)."""
     (m, k), n, rank = x.shape, wt.shape[1], p.shape[1]
     # T-only launches read no W: over a 4-bit one too, the 16-bit build serves (x stands in).
-    four_bit = isinstance(wt, quant.Packed) and store_out
-    if isinstance(wt, quant.Packed):
-        w_arg, ws_arg, wc_arg = (wt.data, wt.scales, wt.code) if four_bit else (x, x, x)
-    else:
-        w_arg, ws_arg, wc_arg = wt, x, x
+    packed = isinstance(wt, quant.Packed)
+    four_bit = packed and store_out
+    w_arg, ws_arg, wc_arg = (
+        (wt.data, wt.scales, wt.code) if four_bit else (x if packed else wt, x, x)
+    )
     out, t, out_arg, t_arg = launch_outputs(x, n, rank, store_out, store_t, t_in)
     if m == 0:
         return out, t
