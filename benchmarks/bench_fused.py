@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import math
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -39,8 +36,8 @@ from torch import nn
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # saved_memory, as a script
 from saved_memory import saved_bytes  # noqa: E402
 
-import lora_kernels  # noqa: E402
 from lora_kernels import LoRALayer, roofline  # noqa: E402
+from lora_kernels.timing import machine_facts, write_json  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -63,7 +60,12 @@ CPU_TARGETS = {
     ("linear", 0.0): 1.15,
     ("linear", 0.1): 1.4,
 }
-GPU_TARGET = {"shape": (8192, 4096, 4096, 16), "vs_linear": 1.07, "vs_peft": 1 / 1.4}
+# The design's GPU target (roofline.TARGETS): fwd+bwd at the target shape, bf16.
+GPU_TARGET = {
+    "shape": roofline.TARGET_SHAPE,
+    "vs_linear": roofline.TARGETS["tuned_vs_linear"],
+    "vs_peft": 1 / roofline.TARGETS["peft_vs_tuned"],
+}
 
 
 class ReferenceLoRA(nn.Module):
@@ -265,30 +267,6 @@ def run_config(shape, dtype, device, dropout, reps, warmup, base_kind="16bit") -
     return rows
 
 
-def environment(device) -> dict:
-    import triton
-
-    try:
-        import peft
-
-        peft_version = peft.__version__
-    except ImportError:
-        peft_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    return {
-        "device": str(device),
-        "device_name": name or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "peft": peft_version,
-        "lora_kernels": lora_kernels.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def format_rows(rows) -> str:
     head = f"{'M':>5} {'K':>5} {'N':>5} {'r':>3} {'dtype':8} {'drop':>4} {'mode':8} "
     head += f"{'provider':13} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>7} {'vs linear':>9} "
@@ -432,13 +410,6 @@ def parse_dtype(text: str) -> torch.dtype:
     return dtype
 
 
-def write_json(path: pathlib.Path, data) -> None:
-    """Replace ``path`` atomically: a reader (or a run killed mid-write) never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--predict", action="store_true", help="print the roofline table only")
@@ -478,7 +449,7 @@ def main(argv=None) -> int:
     else:
         shapes, dtypes, reps, warmup = CPU_SHAPES, (torch.float32,), args.reps or 25, 3
     shapes, dtypes = args.shape or shapes, args.dtype or dtypes
-    env = environment(device)
+    env = machine_facts(device)
     print(f"device: {env['device_name']} ({env['device']}, {env['cpu_threads']} CPU threads), "
           f"torch {env['torch']}, triton {env['triton']}, peft {env['peft']}")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
@@ -520,7 +491,7 @@ if pytest is not None:
         module = providers[provider]
         x = torch.randn(shape[0], shape[1], device=device, requires_grad=True)
         dy = torch.randn(shape[0], shape[2], device=device)
-        benchmark.extra_info.update(environment(device))
+        benchmark.extra_info.update(machine_facts(device))
 
         def step():
             module(x).backward(dy)

@@ -37,10 +37,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is built or loa
 import torch  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # siblings, as a script
-from bench_fused import environment, write_json  # noqa: E402
 from saved_memory import saved_bytes  # noqa: E402
 
 from lora_kernels import adapters, inject_lora  # noqa: E402
+from lora_kernels.timing import machine_facts, write_json  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 PROVIDERS = ("lora_kernels", "peft", "floor")
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
     steps, warmup = (3, 1) if args.quick else (args.steps, args.warmup)
     import transformers
 
-    env = {**environment(device), "transformers": transformers.__version__}
+    env = {**machine_facts(device), "transformers": transformers.__version__}
     name = args.name or f"model_{env['device'].split(':')[0]}_{preset}"
     args.out.mkdir(parents=True, exist_ok=True)
     results = []

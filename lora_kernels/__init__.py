@@ -3,9 +3,10 @@
 ``y = x W^T + b + scaling * (dropout(x) A) B``
 """
 
-from . import adapters, function, quant, reference, torch_path  # noqa: F401  (public submodules; triton_path,
-
-# kernels, inspect and roofline import on demand: triton is not needed to import the package)
+# Public submodules; triton_path, kernels, tune, inspect and roofline import on demand: triton
+# is not needed to import the package.
+from . import adapters, function, quant, reference, torch_path  # noqa: F401
+from ._version import __version__  # noqa: F401  (lora_kernels.__version__)
 from .adapters import (
     from_peft,
     inject_lora,
@@ -18,8 +19,6 @@ from .adapters import (
 )
 from .function import LoRALinearFunction, lora_linear
 from .layer import LoRALayer
-
-__version__ = "0.1.0"
 
 __all__ = [
     "LoRALayer",

@@ -11,8 +11,8 @@ import argparse
 import torch
 from torch import nn
 
-from .function import resolve_backend
 from .layer import LoRALayer
+from .validation import resolve_backend
 
 
 def train(

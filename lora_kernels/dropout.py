@@ -126,36 +126,3 @@ def _keep_mask_op(
 @_keep_mask_op.register_fake
 def _(seed, rows, cols, p, device):
     return torch.empty((rows, cols), dtype=torch.bool, device=device)
-
-
-# dropped() reads this many columns of the mask a call: its adapters have this rank, so the
-# kernels run a small-rank config whatever K is (rank K adapters would not fit a GPU's registers).
-READ_COLUMNS = 64
-
-
-def dropped(x: torch.Tensor, p: float, seed: int, backend: str) -> torch.Tensor:
-    """``dropout(x)`` as ``lora_linear``'s LoRA branch sees it on ``backend``, read through
-    ``lora_linear`` itself: how tests and the GPU check learn the mask a call drew, without a
-    second implementation of it. With a zero base weight and ``A`` the identity's columns
-    ``j .. j + 64``, ``B`` the identity, the output is those columns of ``dropout(x)``: the mask
-    depends on the element's position only, not on the adapters."""
-    from .function import lora_linear
-
-    k = x.shape[-1]
-    columns = []
-    for j in range(0, k, READ_COLUMNS):
-        width = min(READ_COLUMNS, k - j)
-        eye = torch.eye(width, dtype=x.dtype, device=x.device)
-        lora_A = torch.zeros(k, width, dtype=x.dtype, device=x.device)
-        lora_A[j : j + width] = eye
-        zeros = torch.zeros(width, k, dtype=x.dtype, device=x.device)
-        columns.append(
-            lora_linear(x, zeros, None, lora_A, eye, 1.0, dropout_p=p, seed=seed, backend=backend)
-        )
-    return torch.cat(columns, dim=-1)
-
-
-def drawn_mask(m: int, k: int, p: float, seed: int, backend: str, device) -> torch.Tensor:
-    """The boolean ``(m, k)`` keep-mask a call with ``seed`` draws on ``backend`` (it depends on
-    the element's position only, so any call of ``m`` rows and ``k`` columns draws this one)."""
-    return dropped(torch.ones(m, k, device=device), p, seed, backend) != 0

@@ -37,12 +37,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
 import math
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
@@ -54,9 +52,12 @@ import torch
 from torch import nn
 
 from . import quant, triton_path, tune
-from .dropout import drawn_mask
 from .function import lora_linear
+from .layer import LoRALayer
 from .reference import lora_linear_reference, relative_errors
+from .roofline import TARGET_SHAPE, TARGETS
+from .testing import dequantize, drawn_mask
+from .timing import layer_call, machine_facts, time_ms, write_json
 
 # --- stage 1: correctness ----------------------------------------------------------------------
 
@@ -93,9 +94,17 @@ def _worst(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check_case(
-    device, dtype, tf32: bool, rank: int, p: float, lead, k: int, n: int, base: str = "16bit",
+    device,
+    dtype,
+    tf32: bool,
+    rank: int,
+    p: float,
+    lead,
+    k: int,
+    n: int,
+    base: str = "16bit",
     strategy: str = "",
-) -> dict:  # fmt: skip
+) -> dict:
     """One layer call on the Triton path against the float64 reference, and its determinism.
 
     ``base="nf4"``: over a synthetic 4-bit weight, read in the fused kernels' K loop or
@@ -122,8 +131,6 @@ def _four_bit_strategy(strategy: str):
 
 
 def _check_case(device, dtype, tf32, rank, p, lead, k, n, base) -> dict:
-    from .kernels import dequant
-
     key = (
         (dtype, tf32, rank, p, lead, k, n)
         if base == "16bit"
@@ -142,7 +149,7 @@ def _check_case(device, dtype, tf32, rank, p, lead, k, n, base) -> dict:
         inputs["weight"] = rand(n, k, std=k**-0.5)
     else:
         exact = quant.dequantize(packed, dtype)
-        kernel = dequant.dequantize(packed, dtype)
+        kernel = dequantize(packed, dtype)
         result["dequant_bitwise"] = torch.equal(kernel.view(torch.uint8), exact.view(torch.uint8))
     inputs.update(bias=rand(n), lora_A=rand(k, rank, std=k**-0.5))
     inputs["lora_B"] = rand(rank, n, std=rank**-0.5)
@@ -155,9 +162,10 @@ def _check_case(device, dtype, tf32, rank, p, lead, k, n, base) -> dict:
         runs = []
         for _ in range(2):
             leaves = {a: t.clone().requires_grad_(True) for a, t in inputs.items()}
-            x, weight = leaves["x"], leaves.get("weight", packed)
-            y = lora_linear(x, weight, leaves["bias"], leaves["lora_A"], leaves["lora_B"], scaling,
-                            dropout_p=p, seed=seed, backend="triton")  # fmt: skip
+            x, bias, lora_A, lora_B = (leaves[a] for a in ("x", "bias", "lora_A", "lora_B"))
+            weight = leaves.get("weight", packed)
+            args = (x, weight, bias, lora_A, lora_B, scaling)
+            y = lora_linear(*args, dropout_p=p, seed=seed, backend="triton")
             y.backward(dy)
             runs.append((y.detach(), {a: t.grad for a, t in leaves.items()}))
     finally:
@@ -168,8 +176,9 @@ def _check_case(device, dtype, tf32, rank, p, lead, k, n, base) -> dict:
         mask = drawn_mask(m, k, p, seed, "triton", device).reshape(*lead, k).double()
     ref = {a: t.double().requires_grad_(True) for a, t in inputs.items()}
     weight = ref["weight"] if packed is None else exact.double()
-    y_ref = lora_linear_reference(ref["x"], weight, ref["bias"], ref["lora_A"], ref["lora_B"],
-                                  scaling, dropout_mask=mask, dropout_p=p)  # fmt: skip
+    x, bias, lora_A, lora_B = (ref[a] for a in ("x", "bias", "lora_A", "lora_B"))
+    args = (x, weight, bias, lora_A, lora_B, scaling)
+    y_ref = lora_linear_reference(*args, dropout_mask=mask, dropout_p=p)
     y_ref.backward(dy.double())
     (y, grads), (y2, grads2) = runs
     errors = {"y": _worst(y, y_ref)}
@@ -263,10 +272,6 @@ def stage_correctness(
 
 # --- stage 2: the target shape ------------------------------------------------------------------
 
-TARGET_SHAPE = (8192, 4096, 4096, 16)
-LAUNCH_FIELDS = ("fwd", "t_only", "dx", "grad_dA", "grad_dB")  # the Plan's per-launch configs
-TARGETS = {"tuned_vs_linear": 1.07, "peft_vs_tuned": 1.4, "tuned_vs_torch": 1.02}
-
 
 class _Functional(nn.Module):
     """``lora_linear`` on a ``LoRALayer``'s tensors with a fixed ``backend`` (and, where given,
@@ -318,7 +323,7 @@ def _fwd_bwd_ms(module, x, dy) -> float:
         for p in params:
             p.grad = None
 
-    return tune._time_ms(step, x.device)
+    return time_ms(step, x.device)
 
 
 def _peak_bytes(module, x, dy) -> int | None:
@@ -334,8 +339,6 @@ def _peak_bytes(module, x, dy) -> int | None:
 
 
 def stage_target(device, shape=TARGET_SHAPE, dtype=torch.bfloat16) -> dict:
-    from . import LoRALayer
-
     m, k, n, r = shape
     torch.manual_seed(0)
     base = nn.Linear(k, n, device=device, dtype=dtype).requires_grad_(False)
@@ -359,13 +362,13 @@ def stage_target(device, shape=TARGET_SHAPE, dtype=torch.bfloat16) -> dict:
     # descriptors on Hopper) against the same tiles on the pointer kernels.
     tables = triton_path.plan_for(device, dtype, r, False)
     pointer = dataclasses.replace(
-        tables, **{f: {**getattr(tables, f), "TMA": False} for f in LAUNCH_FIELDS}
+        tables, **{f: {**getattr(tables, f), "TMA": False} for f in triton_path.LAUNCHES}
     )
     raw = (x.detach(), base.weight, base.bias, layer.lora_A.detach(), layer.lora_B.detach())
     kernels_ms = {
-        "tables": tune._time_ms(lambda: tune._layer_call(tables, *raw, dy, 0.0), device),
-        "pointer": tune._time_ms(lambda: tune._layer_call(pointer, *raw, dy, 0.0), device),
-        "uses_descriptors": any(getattr(tables, f).get("TMA") for f in LAUNCH_FIELDS),
+        "tables": time_ms(lambda: layer_call(tables, *raw, dy, 0.0), device),
+        "pointer": time_ms(lambda: layer_call(pointer, *raw, dy, 0.0), device),
+        "uses_descriptors": any(getattr(tables, f).get("TMA") for f in triton_path.LAUNCHES),
     }
     key, decision = tune.tune(device, dtype, m, k, n, r)
     tuned = _Functional(layer, "auto")  # the decision just stored: the tuned plan, or torch
@@ -411,8 +414,6 @@ def stage_qlora(
     then the fused kernels (``LORA_KERNELS_4BIT``), beside the same layer over the 16-bit
     weight and that weight's frozen ``nn.Linear``. Which strategy the threshold picks, and
     which was faster, per M; then the tuner's decisions for 4-bit keys at ``tuned_tokens``."""
-    from . import LoRALayer
-
     k, n, r = shape
     gen = torch.Generator().manual_seed(0)
     packed = quant.synthetic_4bit(n, k, device, dtype, gen)
@@ -435,13 +436,27 @@ def stage_qlora(
         with _four_bit_strategy(""):
             chosen = "in_loop" if triton_path.in_loop(device, dtype, m) else "buffer"
         faster = min(("in_loop", "buffer"), key=ms.get)
-        rows.append({"M": m, "ms": ms, "chosen": chosen, "faster": faster,
-                     "in_loop_vs_buffer": ms["in_loop"] / ms["buffer"]})  # fmt: skip
+        rows.append(
+            {
+                "M": m,
+                "ms": ms,
+                "chosen": chosen,
+                "faster": faster,
+                "in_loop_vs_buffer": ms["in_loop"] / ms["buffer"],
+            }
+        )
     tuned = []
     for m in tuned_tokens:
         key, decision = tune.tune(device, dtype, m, k, n, r, base="nf4")
-        tuned.append({"M": m, "key": key, "provider": decision["provider"],
-                      "strategy": decision["strategy"], "ms": decision["ms"]})  # fmt: skip
+        tuned.append(
+            {
+                "M": m,
+                "key": key,
+                "provider": decision["provider"],
+                "strategy": decision["strategy"],
+                "ms": decision["ms"],
+            }
+        )
     return {
         "shape": list(shape),
         "dtype": str(dtype).removeprefix("torch."),
@@ -536,34 +551,6 @@ STAGES = [
 ]
 
 
-def facts(device) -> dict:
-    import triton
-
-    info = {
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(
-            device=props.name,
-            capability=f"{props.major}.{props.minor}",
-            sms=props.multi_processor_count,
-            memory_bytes=props.total_memory,
-        )
-    else:
-        info["device"] = "cpu (Triton interpreter)"
-    return info
-
-
-def _write_json(path: pathlib.Path, data) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def run(out_dir: pathlib.Path, budget_s: float, device, stages=STAGES, log=print) -> dict:
     """Run ``stages`` into ``out_dir`` within ``budget_s``; return the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -571,7 +558,7 @@ def run(out_dir: pathlib.Path, budget_s: float, device, stages=STAGES, log=print
     cache.unlink(missing_ok=True)  # this run's own decisions: the target measures the tables first
     os.environ[tune.ENV_CACHE] = str(cache)
     tune.reset()
-    summary = {**facts(device), "budget_s": budget_s, "stages": {}}
+    summary = {**machine_facts(device), "budget_s": budget_s, "stages": {}}
     start = time.perf_counter()
     for stage in stages:
         elapsed = time.perf_counter() - start
@@ -589,12 +576,12 @@ def run(out_dir: pathlib.Path, budget_s: float, device, stages=STAGES, log=print
             except Exception as e:  # noqa: BLE001  (recorded; the next stages still run)
                 status = {"status": "error", "error": f"{type(e).__name__}: {e}"[:2000]}
             else:
-                _write_json(out_dir / f"{stage.name}.json", {**facts(device), **result})
+                write_json(out_dir / f"{stage.name}.json", {**machine_facts(device), **result})
                 status = {"status": "done", "file": f"{stage.name}.json"}
             status["seconds"] = round(time.perf_counter() - began, 1)
             summary["stages"][stage.name] = status
             log(f"gpu_check: {stage.name}: {status['status']} in {status['seconds']} s")
-        _write_json(out_dir / "summary.json", summary)
+        write_json(out_dir / "summary.json", summary)
     return summary
 
 

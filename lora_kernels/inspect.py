@@ -32,14 +32,19 @@ from typing import NamedTuple
 
 import torch
 
-from .function import triton_interpreter_enabled
+from . import env, quant, triton_path
+from .kernels import dequant
+from .kernels.common import capture_launches
+from .roofline import TARGET_SHAPE
+from .tune.space import candidates as tune_candidates
 
-M, K, N = 8192, 4096, 4096
+M, K, N, _ = TARGET_SHAPE  # an LLM projection: the design's target shape
 M_4BIT = 512  # a 4-bit base's in-loop launches run at small M (triton_path.in_loop)
 
 
 class Target(NamedTuple):
-    """A GPU to build for: what ``make_plan`` and the launches depend on, and what to expect."""
+    """A GPU to build for: what the plan (``triton_path.plan_for``) and the launches depend
+    on, and what to expect."""
 
     capability: int
     sms: int  # of the GPU named
@@ -67,20 +72,8 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-# The launch each Plan field configures (tune's candidates change one field at a time).
-LAUNCH_OF_FIELD = {
-    "fwd": "lora_fwd",
-    "t_only": "lora_fwd_t",
-    "dx": "lora_bwd_dx",
-    "grad_dA": "lora_bwd_dA",
-    "grad_dB": "lora_bwd_dB",
-}
-
-
 def table_plan(arch: str, dtype: torch.dtype, rank: int, dropout_p: float = 0.0):
     """The plan the config tables give ``arch`` (its SM count and shared memory)."""
-    from . import triton_path
-
     target = ARCHS[arch]
     table = triton_path.config_arch(target.capability // 10, target.max_shared_bytes)
     return triton_path.plan_for(
@@ -100,9 +93,6 @@ def captured_launches(
     """The launches one forward + backward (x, lora_A, lora_B requiring grad) would make, with
     ``plan`` (default: the tables'); ``four_bit``: over a 4-bit W (NF4, blocksize 64) read in
     the K loop, at ``M_4BIT`` tokens."""
-    from . import triton_path
-    from .kernels.common import capture_launches
-
     m = M_4BIT if four_bit else M
     meta = {"device": "meta", "dtype": dtype}
     x, dy = torch.empty(m, K, **meta), torch.empty(m, N, **meta)
@@ -199,8 +189,6 @@ def analyse_cubin(cubin: bytes) -> dict:
 
 def _meta_4bit(blocksize: int = 64):
     """A 4-bit ``(N, K)`` W (``quant.Packed``) of ``meta`` tensors: what the launches see."""
-    from . import quant
-
     meta = {"device": "meta"}
     packed = torch.empty(N * K // 2, dtype=torch.uint8, **meta)
     scales = torch.empty(N * K // blocksize, dtype=torch.float32, **meta)
@@ -212,9 +200,6 @@ def dequant_launches(dtype: torch.dtype, blocksize: int = 64) -> list:
     """The launch that dequantizes a 4-bit ``(N, K)`` base weight into ``dtype`` (the buffer
     strategy: a QLoRA layer's forward makes one, its backward one more for dx; the fused kernels
     then run as over a 16-bit base)."""
-    from .kernels import dequant
-    from .kernels.common import capture_launches
-
     w = _meta_4bit(blocksize)
     out = torch.empty(N, K, dtype=dtype, device="meta")
     with capture_launches() as launches:
@@ -233,13 +218,11 @@ def inspect_group(
     dequant: bool = True,
 ) -> list[dict]:
     """One row per kernel launched by a forward + backward at ``(arch, dtype, rank, dropout)``;
-    with ``candidates``, also one for each of the tuner's alternatives (``tune.candidates``),
+    with ``candidates``, also one for each of the tuner's alternatives (``tune.space``),
     which change one launch's config each: that launch is built again. With ``base="nf4"``: the
     launches that read a 4-bit W in their K loop (``lora_fwd``, ``lora_bwd_dx``; the others are
     the 16-bit builds), plus, where ``dequant`` says, the dequantization launch of the buffer
     strategy (after which the 16-bit builds run)."""
-    from . import tune
-
     dtype = DTYPES[dtype_name]
     if base == "nf4":
         launches = [
@@ -255,10 +238,10 @@ def inspect_group(
         ]
     plans = [("tables", None)]
     if candidates:
-        plans = tune.candidates(table_plan(arch, dtype, rank, dropout_p), dropout_p > 0.0)
+        plans = tune_candidates(table_plan(arch, dtype, rank, dropout_p), dropout_p > 0.0)
     rows = []
     for name, plan in plans:
-        only = None if name == "tables" else LAUNCH_OF_FIELD[name.split()[0]]
+        only = None if name == "tables" else triton_path.LAUNCHES[name.split()[0]]
         for launch in captured_launches(arch, dtype, rank, dropout_p, plan):
             if only is None or launch.name == only:
                 rows.append(_inspect_launch(launch, arch, dtype_name, rank, dropout_p, name, dump))
@@ -371,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         "--jobs", type=int, default=os.cpu_count() or 1, help="groups compiled in parallel"
     )
     args = parser.parse_args(argv)
-    if triton_interpreter_enabled():
+    if env.triton_interpreter_enabled():
         parser.error("TRITON_INTERPRET is set: unset it to compile for GPUs")
     rows = inspect_builds(
         args.arch or sorted(ARCHS),

@@ -3,64 +3,25 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import nn
 
 from . import quant
-from .function import SUPPORTED_DTYPES, lora_linear
+from .function import lora_linear
+from .validation import check_adapter_dtype, check_alpha, check_dropout, check_rank
 
 INITS = ("lora", "gaussian", "seed")
 # nn.Linear's parameters, read through to the frozen linear (properties without setters).
 _READ_ONLY = ("weight", "bias")
 
 
-def _check_rank(rank: object) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
-    return int(rank)
-
-
-def _check_dropout(dropout: object) -> float:
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
-        raise TypeError(f"dropout must be a real number in [0, 1), got {type(dropout).__name__}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    return float(dropout)
-
-
-def _check_adapter_dtype(adapter_dtype: object) -> torch.dtype | None:
-    if adapter_dtype is not None and adapter_dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"adapter_dtype must be None or one of "
-            f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}, got {adapter_dtype!r}"
-        )
-    return adapter_dtype
-
-
 def lora_scaling(rank: int, alpha: float | None, use_rslora: bool) -> float:
     """``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA); ``1.0`` when ``alpha`` is ``None``."""
+    check_alpha(alpha)
     if alpha is None:
         return 1.0
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise TypeError(f"alpha must be a real number or None, got {type(alpha).__name__}")
     return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
-
-
-def _check_4bit_base(linear: nn.Linear) -> bool:
-    """Whether ``linear`` is a quantized bitsandbytes 4-bit linear; refuses one it can't take."""
-    weight = linear.weight
-    if type(weight).__name__ == "Params4bit" and not quant.is_4bit(weight):
-        raise ValueError(
-            f"{type(linear).__name__}'s 4-bit weight is not quantized yet (bitsandbytes "
-            "quantizes it when the layer moves to a device: call .to(device) first)"
-        )
-    if not quant.is_4bit(weight):
-        return False
-    quant.require_bitsandbytes("LoRALayer over a 4-bit base")
-    quant.check(weight)
-    return True
 
 
 class LoRALayer(nn.Module):
@@ -130,8 +91,8 @@ class LoRALayer(nn.Module):
         adapter_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        rank = _check_rank(rank)
-        adapter_dtype = _check_adapter_dtype(adapter_dtype)
+        rank = check_rank(rank)
+        adapter_dtype = check_adapter_dtype(adapter_dtype)
         factory_kwargs = {"device": device, "dtype": dtype}
         self._setup(
             nn.Linear(in_features, out_features, bias=bias, **factory_kwargs),
@@ -167,8 +128,8 @@ class LoRALayer(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        rank = _check_rank(rank)
-        adapter_dtype = _check_adapter_dtype(adapter_dtype)
+        rank = check_rank(rank)
+        adapter_dtype = check_adapter_dtype(adapter_dtype)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._setup(linear, rank, alpha, dropout, init, use_rslora, adapter_dtype)
@@ -177,10 +138,10 @@ class LoRALayer(nn.Module):
     def _setup(self, linear, rank, alpha, dropout, init, use_rslora, adapter_dtype) -> None:
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
-        self.dropout = _check_dropout(dropout)
+        self.dropout = check_dropout(dropout)
         self.scaling = lora_scaling(rank, alpha, use_rslora)
         self.rank, self.alpha, self.use_rslora, self.init = rank, alpha, bool(use_rslora), init
-        four_bit = _check_4bit_base(linear)
+        four_bit = quant.check_base(linear)
         self.linear = linear
         self.linear.requires_grad_(False)
         factory_kwargs = {
@@ -233,18 +194,16 @@ class LoRALayer(nn.Module):
         weight, bias = self.linear.weight, self.linear.bias
         dropout_p = self.dropout if self.training else 0.0
         if not quant.is_4bit(weight):
-            return lora_linear(x, weight, bias, self.lora_A, self.lora_B, self.scaling,
-                               dropout_p=dropout_p)  # fmt: skip
-        # A 4-bit base computes in bitsandbytes' compute dtype, set from the first input as
-        # Linear4bit.forward sets it (its own rule), and gives x's dtype back.
-        base = self.linear
-        if not getattr(base, "compute_type_is_set", True):
-            base.set_compute_type(x)
-            base.compute_type_is_set = True
-        dtype = getattr(base, "compute_dtype", None) or x.dtype
+            return lora_linear(
+                x, weight, bias, self.lora_A, self.lora_B, self.scaling, dropout_p=dropout_p
+            )
+        # A 4-bit base computes in bitsandbytes' compute dtype, as Linear4bit does, and gives
+        # x's dtype back.
+        dtype = quant.compute_dtype(self.linear, x)
         bias = None if bias is None else bias.to(dtype)
-        y = lora_linear(x.to(dtype), weight, bias, self.lora_A, self.lora_B, self.scaling,
-                        dropout_p=dropout_p)  # fmt: skip
+        y = lora_linear(
+            x.to(dtype), weight, bias, self.lora_A, self.lora_B, self.scaling, dropout_p=dropout_p
+        )
         return y.to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:

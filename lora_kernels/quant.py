@@ -60,6 +60,33 @@ def require_bitsandbytes(what: str) -> None:
         ) from missing
 
 
+def check_base(linear: torch.nn.Module) -> bool:
+    """Whether ``linear`` (a layer to wrap) is a quantized bitsandbytes 4-bit linear; refuses,
+    naming what is wrong, one that can't be taken (not quantized yet, bitsandbytes missing, a
+    format ``check`` refuses)."""
+    weight = linear.weight
+    if type(weight).__name__ == "Params4bit" and not is_4bit(weight):
+        raise ValueError(
+            f"{type(linear).__name__}'s 4-bit weight is not quantized yet (bitsandbytes "
+            "quantizes it when the layer moves to a device: call .to(device) first)"
+        )
+    if not is_4bit(weight):
+        return False
+    require_bitsandbytes("LoRALayer over a 4-bit base")
+    check(weight)
+    return True
+
+
+def compute_dtype(linear: torch.nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype a bitsandbytes 4-bit ``linear`` computes in for input ``x``: its
+    ``compute_dtype``, set from the first input by bitsandbytes' own rule (``set_compute_type``,
+    as ``Linear4bit.forward`` does), else ``x``'s."""
+    if not getattr(linear, "compute_type_is_set", True):
+        linear.set_compute_type(x)
+        linear.compute_type_is_set = True
+    return getattr(linear, "compute_dtype", None) or x.dtype
+
+
 def shape(weight: torch.Tensor) -> tuple[int, int]:
     """``(out_features, in_features)`` of a 4-bit weight, from its ``quant_state``."""
     n, k = weight.quant_state.shape
@@ -85,6 +112,14 @@ def check(weight: torch.Tensor) -> None:
         )
     if weight.requires_grad:
         raise ValueError("4-bit base weights are frozen: set weight.requires_grad_(False)")
+
+
+def stand_in(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A zero-stride ``(N, K)`` tensor of ``dtype`` on the 4-bit ``weight``'s device: what a
+    backward that does not read W (no ``dx``) is given of it (its shape, dtype and device),
+    without the memory of a dequantized copy."""
+    n, k = shape(weight)
+    return torch.zeros((), dtype=dtype, device=weight.device).expand(n, k)
 
 
 def absmax(state) -> torch.Tensor:

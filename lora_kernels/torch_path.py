@@ -52,18 +52,10 @@ def _zero_at(block: torch.Tensor, drops: torch.Tensor) -> torch.Tensor:
     return block.view(-1).index_fill_(0, drops, 0).view(block.shape)
 
 
-def forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x (M, K) -> (y (M, N), S (M, r))`` with ``y = x W^T + b + scaling * S B``; adapters of
-    another dtype compute in ``x``'s."""
+def forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
+    """``x (M, K) -> (y (M, N), S (M, r))`` with ``y = x W^T + b + scaling * S B``, for ``W
+    (N, K)``, ``b (N,) | None``, ``A (K, r)``, ``B (r, N)`` (adapters of another dtype compute in
+    ``x``'s) and a dropout ``seed`` (an int or a 0-d tensor)."""
     lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     if dropout_p > 0.0:
         m, k = x.shape
@@ -83,18 +75,7 @@ def forward(
     return y, S
 
 
-def backward(
-    dy: torch.Tensor,
-    x: torch.Tensor | None,
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    S: torch.Tensor | None,
-    scaling: float,
-    dropout_p: float,
-    seed: int,
-    needs: tuple[bool, bool, bool, bool, bool],
-) -> tuple[torch.Tensor | None, ...]:
+def backward(dy, x, weight, lora_A, lora_B, S, scaling: float, dropout_p: float, seed, needs):
     """Gradients ``(dx, dW, db, dA, dB)`` of the 2-D forward; ``None`` where ``needs`` says no.
 
     ``needs`` is ``ctx.needs_input_grad`` for ``(x, weight, bias, lora_A, lora_B)``. ``x`` may be
@@ -171,19 +152,19 @@ def _dropout_dx_da(
 
 
 def backward_differentiable(
-    dy: torch.Tensor,
-    x: torch.Tensor | None,
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    S: torch.Tensor | None,
+    dy,
+    x,
+    weight,
+    lora_A,
+    lora_B,
+    S,
     scaling: float,
     dropout_p: float,
-    seed: int,
-    needs: tuple[bool, bool, bool, bool, bool],
+    seed,
+    needs,
     *,
-    s_scaled: bool = False,
-) -> tuple[torch.Tensor | None, ...]:
+    s_scaled=False,
+):
     """``backward``'s gradients as out-of-place PyTorch ops of ``dy`` and the inputs, for double
     backward (``create_graph=True``): autograd differentiates them once more.
 

@@ -19,10 +19,11 @@ from typing import List  # noqa: UP035  (see backward_op)
 import torch
 
 from . import quant, roofline
-from .kernels import dequant, fused_mm_tma, lora_grad_tma
+from .kernels import dequant
 from .kernels.common import acc_dtype, alloc
-from .kernels.fused_mm import fused_mm, fused_mm_config, fused_mm_t_config
-from .kernels.lora_grad import grad_config, lora_grad
+from .kernels.configs import fused_mm_config, fused_mm_t_config, grad_config
+from .kernels.fused_mm import fused_mm
+from .kernels.lora_grad import lora_grad
 
 # The interpreter has no GPU generation: it runs Hopper's tables (the ones most users launch),
 # with a small SM count so the M-split of the reductions is exercised on test-sized inputs.
@@ -35,8 +36,8 @@ INTERPRETER_SMS = 4
 HOPPER_SHARED_BYTES = 227 * 1024
 
 
-# Hopper's tables (H100, H200, B200) carry a "TMA" flag per launch: True runs it on TMA
-# descriptors over a persistent grid (kernels/fused_mm_tma.py, lora_grad_tma.py) wherever the
+# Hopper's tables (H100, H200, B200) carry a "TMA" flag per launch: True runs it on the
+# descriptor kernels over a persistent grid (kernels/fused_mm.py and lora_grad.py) wherever the
 # call's operands allow it, False on the pointer kernels. True for 16-bit inputs, but not for dx
 # with dropout: there its 128 x 128 tile, the LoRA term and the mask pass 255 registers (5
 # spills, sm_90 bf16 r16). float32 stays on pointers: its FMA dots keep their operands in
@@ -60,9 +61,21 @@ def config_arch(major: int, max_shared_bytes: int) -> int:
     return 9 if major >= 9 and max_shared_bytes >= HOPPER_SHARED_BYTES else 8
 
 
+# The launches of one layer call (forward and its backward), by the Plan field that configures
+# each (the tuner changes one field at a time; inspect and the GPU check name them).
+LAUNCHES = {
+    "fwd": "lora_fwd",  # the fused forward: y (and T)
+    "t_only": "lora_fwd_t",  # T-only: the dropout forward's first pass, dS without dx
+    "dx": "lora_bwd_dx",  # the fused dx pass (and dS)
+    "grad_dA": "lora_bwd_dA",  # the dA reduction
+    "grad_dB": "lora_bwd_dB",  # the dB reduction
+}
+
+
 @dataclass(frozen=True)
 class Plan:
-    """Launch configs of one layer call (forward and its backward), chosen once on the host."""
+    """Launch configs of one layer call (forward and its backward), chosen once on the host: a
+    config per launch (``LAUNCHES``), and what the launches share."""
 
     fwd: dict  # lora_fwd
     t_only: dict  # T-only launches of the fused kernel (dropout's lora_fwd_t, dS without dx)
@@ -109,18 +122,6 @@ def descriptors_build(major: int) -> bool:
     return major == 9 or (major >= 10 and version >= (3, 8))
 
 
-def make_plan(
-    x: torch.Tensor,
-    rank: int,
-    dropout_p: float = 0.0,
-    arch: int | None = None,
-    num_sms: int | None = None,
-) -> Plan:
-    """Configs for input ``x``, ``rank`` and dropout; ``arch`` (a ``config_arch``: 8 or 9) and
-    ``num_sms`` override the device's own (``inspect`` builds for GPUs it doesn't have)."""
-    return plan_for(x.device, x.dtype, rank, dropout_p > 0.0, arch, num_sms)
-
-
 def plan_for(
     device: torch.device,
     dtype: torch.dtype,
@@ -130,9 +131,10 @@ def plan_for(
     num_sms: int | None = None,
     major: int | None = None,
 ) -> Plan:
-    """``make_plan`` for inputs of ``dtype`` on ``device`` (all a plan depends on of ``x``),
-    ``dropout`` whether the call drops out; ``arch``, ``num_sms`` and ``major`` (the capability
-    major) override the device's own."""
+    """The tables' plan for inputs of ``dtype`` on ``device`` at padded ``rank`` (all a plan
+    depends on of a call), ``dropout`` whether the call drops out; ``arch`` (a ``config_arch``:
+    8 or 9), ``num_sms`` and ``major`` (the capability major) override the device's own
+    (``inspect`` builds for GPUs it doesn't have)."""
     dev_arch, dev_sms = _device_facts(device)
     arch = dev_arch if arch is None else arch
     num_sms = dev_sms if num_sms is None else num_sms
@@ -187,26 +189,6 @@ def in_loop(device: torch.device, dtype: torch.dtype, m: int, tuned: str = "") -
     return m <= in_loop_max_m(device, dtype)
 
 
-def _fused(x, wt, bias, p, q, scaling, *, config, num_sms, **kwargs):
-    """One launch of the fused kernel: on TMA descriptors over a persistent grid where the
-    config asks for it (Hopper's tables, or the tuner) and the operands allow it
-    (``fused_mm_tma.supports``: aligned, unit last stride), the pointer kernel otherwise (and
-    for a 4-bit ``wt``, whose tiles are decoded, not copied)."""
-    four_bit = isinstance(wt, quant.Packed)
-    if config.get("TMA") and not four_bit and fused_mm_tma.supports(x, wt, p, q):
-        return fused_mm_tma.fused_mm_tma(
-            x, wt, bias, p, q, scaling, config=config, num_sms=num_sms, **kwargs
-        )
-    return fused_mm(x, wt, bias, p, q, scaling, config=config, **kwargs)
-
-
-def _grad(u, v, *, config, **kwargs):
-    """One reduction launch: ``_fused``'s choice, for ``lora_grad``."""
-    if config.get("TMA") and lora_grad_tma.supports(u, v):
-        return lora_grad_tma.lora_grad_tma(u, v, config=config, **kwargs)
-    return lora_grad(u, v, config=config, **kwargs)
-
-
 def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *, plan, store_t=True):
     """``x (M, K) -> (y (M, N), T (M, r) | None)``: one fused launch; two with dropout (a T-only
     pass that generates each mask element once, then the output pass reading T). Adapters of
@@ -215,15 +197,34 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *, plan, 
     lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     t_in = None
     if dropout_p > 0.0:
-        _, t_in = _fused(
-            x, weight.t(), None, lora_A, lora_B, scaling, config=plan.t_only, store_out=False,
-            dropout_p=dropout_p, dropout_in=True, seed=seed, name="lora_fwd_t", **common,
-        )  # fmt: skip
-    config = plan.fwd_4bit if isinstance(weight, quant.Packed) else plan.fwd
-    y, t = _fused(
-        x, weight.t(), bias, lora_A, lora_B, scaling, config=config, store_t=store_t,
-        t_in=t_in, name="lora_fwd", **common,
-    )  # fmt: skip
+        _, t_in = fused_mm(
+            x,
+            weight.t(),
+            None,
+            lora_A,
+            lora_B,
+            scaling,
+            config=plan.t_only,
+            store_out=False,
+            dropout_p=dropout_p,
+            dropout_in=True,
+            seed=seed,
+            name=LAUNCHES["t_only"],
+            **common,
+        )
+    y, t = fused_mm(
+        x,
+        weight.t(),
+        bias,
+        lora_A,
+        lora_B,
+        scaling,
+        config=plan.fwd_4bit if isinstance(weight, quant.Packed) else plan.fwd,
+        store_t=store_t,
+        t_in=t_in,
+        name=LAUNCHES["fwd"],
+        **common,
+    )
     if t_in is not None:
         return y, t_in if store_t else None
     return y, t
@@ -236,45 +237,65 @@ def backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, 
     adapter_dtype = lora_A.dtype
     lora_A, lora_B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
     dx = dw = db = da = dlb = None
-    dx_config = plan.dx_4bit if isinstance(weight, quant.Packed) else plan.dx
-    grad_kw = {"num_sms": plan.num_sms, "precision": plan.precision, "upcast": plan.upcast}
+    common = {"precision": plan.precision, "upcast": plan.upcast, "num_sms": plan.num_sms}
     if need_x or need_a:
         # dx = dY W + s * drop(dY B^T A^T): the forward kernel on the transposed operands; its T
         # output is s * dS, which dA reduces against x.
-        dx, dT = _fused(
+        if not need_x:
+            dx_config = plan.t_only
+        else:
+            dx_config = plan.dx_4bit if isinstance(weight, quant.Packed) else plan.dx
+        dx, dT = fused_mm(
             dy,
             weight,
             None,
             lora_B.t(),
             lora_A.t(),
             scaling,
-            config=dx_config if need_x else plan.t_only,
-            num_sms=plan.num_sms,
-            precision=plan.precision,
-            upcast=plan.upcast,
+            config=dx_config,
             store_out=need_x,
             store_t=need_a,
             dropout_p=dropout_p,
             dropout_out=dropout_p > 0.0,
             seed=seed,
-            name="lora_bwd_dx",
+            name=LAUNCHES["dx"],
+            **common,
         )
-    if need_a:
-        da = _grad(
-            dT, x, transpose_out=True, out_dtype=adapter_dtype, config=plan.grad_dA,
-            dropout_p=dropout_p, seed=seed, name="lora_bwd_dA", **grad_kw,
-        )  # fmt: skip
+    reduce = functools.partial(lora_grad, out_dtype=adapter_dtype, **common)
+    if need_a:  # x under the forward's mask
+        da = reduce(
+            dT,
+            x,
+            transpose_out=True,
+            config=plan.grad_dA,
+            dropout_p=dropout_p,
+            seed=seed,
+            name=LAUNCHES["grad_dA"],
+        )
     if need_lb:
-        dlb = _grad(
-            T, dy, transpose_out=False, out_dtype=adapter_dtype, config=plan.grad_dB,
-            name="lora_bwd_dB", **grad_kw,
-        )  # fmt: skip
+        dlb = reduce(T, dy, transpose_out=False, config=plan.grad_dB, name=LAUNCHES["grad_dB"])
     # dW and db only exist for users who unfreeze the base layer: plain cuBLAS / reductions.
     if need_w:
         dw = dy.t() @ x
     if need_b:
         db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
     return dx, dw, db, da, dlb
+
+
+# --- a 4-bit base weight: one operand per use ---------------------------------------------------
+
+
+def base_weight(weight: torch.Tensor, dtype: torch.dtype, strategy: str):
+    """A bitsandbytes 4-bit ``weight`` as the launches read it for one use of W: ``"in_loop"``,
+    its bytes and decoded scales (``quant.Packed``), dequantized tile by tile in the fused
+    kernels' K loop; ``"buffer"``, dequantized by our kernel into one transient ``(N, K)``
+    buffer of ``dtype`` (then the fused kernels run as over a 16-bit base). Which one a call
+    takes: ``in_loop``. The layer's calls (``function``) and the tuner's measurements build the
+    operand here and nowhere else."""
+    w = quant.packed(weight)
+    if strategy == "in_loop":
+        return w
+    return dequantize_op(w.data, w.scales, w.code, *w.shape, w.blocksize, dtype)
 
 
 # --- torch.library custom ops ------------------------------------------------------------------
@@ -328,11 +349,19 @@ def forward_op(
     w_meta: List[int] | None = None,  # noqa: UP006
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``forward`` as an op: ``(y, T)``, ``T`` empty when not stored. A 4-bit W dequantized in
-    the K loop comes as its parts (``four_bit_args``): ``weight`` its bytes."""
+    the K loop comes as its parts (``_op_weight``): ``weight`` its bytes."""
     y, t = forward(
-        x, _weight(weight, w_scales, w_code, w_meta), bias, lora_A, lora_B, scaling, dropout_p,
-        int(seed), plan=plan_from_str(plan), store_t=store_t,
-    )  # fmt: skip
+        x,
+        _packed_weight(weight, w_scales, w_code, w_meta),
+        bias,
+        lora_A,
+        lora_B,
+        scaling,
+        dropout_p,
+        int(seed),
+        plan=plan_from_str(plan),
+        store_t=store_t,
+    )
     return y, t if t is not None else x.new_empty(0, dtype=acc_dtype(x.dtype))
 
 
@@ -362,9 +391,18 @@ def backward_op(
 ) -> List[torch.Tensor]:  # noqa: UP006
     """``backward`` as an op: ``[dx, dW, db, dA, dB]``, empty where ``needs`` says no."""
     grads = backward(
-        dy, x, _weight(weight, w_scales, w_code, w_meta), lora_A, lora_B, T, scaling, dropout_p,
-        int(seed), tuple(needs), plan=plan_from_str(plan),
-    )  # fmt: skip
+        dy,
+        x,
+        _packed_weight(weight, w_scales, w_code, w_meta),
+        lora_A,
+        lora_B,
+        T,
+        scaling,
+        dropout_p,
+        int(seed),
+        tuple(needs),
+        plan=plan_from_str(plan),
+    )
     likes = (dy, dy, dy, lora_A, lora_B)  # the fake's dtypes (dA and dB: the adapters')
     return [like.new_empty(0) if g is None else g for g, like in zip(grads, likes)]
 
@@ -400,15 +438,39 @@ def _(data, scales, code, n, k, blocksize, dtype):
     return data.new_empty((n, k), dtype=dtype)
 
 
-def four_bit_args(w: quant.Packed) -> dict:
-    """The ops' keyword arguments for a 4-bit W read by the fused kernels (its bytes go as
-    ``weight``): the scales, the code table, and ``[N, K, blocksize]``."""
-    return {"w_scales": w.scales, "w_code": w.code, "w_meta": [*w.shape, w.blocksize]}
+def _op_weight(weight) -> tuple[torch.Tensor, dict]:
+    """W as the ops take it: ``(weight, {})`` for a tensor; for a 4-bit ``quant.Packed`` read
+    in the K loop, its bytes and the ops' keyword arguments for the rest (the scales, the code
+    table, ``[N, K, blocksize]``)."""
+    if not isinstance(weight, quant.Packed):
+        return weight, {}
+    parts = {"w_scales": weight.scales, "w_code": weight.code}
+    return weight.data, {**parts, "w_meta": [*weight.shape, weight.blocksize]}
 
 
-def _weight(weight, w_scales, w_code, w_meta):
-    """The op's weight: ``(N, K)`` as it came, or the 4-bit W its parts describe."""
+def _packed_weight(weight, w_scales, w_code, w_meta):
+    """The inverse of ``_op_weight``: ``(N, K)`` as it came, or the 4-bit W its parts make."""
     if not w_meta:
         return weight
     n, k, blocksize = w_meta
     return quant.packed_w(weight, w_scales, w_code, blocksize, n, k)
+
+
+def _seed_tensor(seed: int | torch.Tensor) -> torch.Tensor:
+    return seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
+
+
+def run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, plan: str, store_t):
+    """``forward_op`` for W as ``base_weight`` gives it (a tensor, or a 4-bit ``quant.Packed``)
+    and a seed that may be an int or a 0-d tensor: ``(y, T)``."""
+    data, parts = _op_weight(weight)
+    args = (x, data, bias, lora_A, lora_B, scaling, dropout_p, _seed_tensor(seed), plan, store_t)
+    return forward_op(*args, **parts)
+
+
+def run_backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, plan: str, needs):
+    """``backward_op`` as ``run_forward`` calls ``forward_op``: ``[dx, dW, db, dA, dB]``, empty
+    where ``needs`` says no."""
+    data, parts = _op_weight(weight)
+    args = (dy, x, data, lora_A, lora_B, T, scaling, dropout_p, _seed_tensor(seed), plan)
+    return backward_op(*args, list(needs), **parts)

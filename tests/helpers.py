@@ -6,8 +6,8 @@ import zlib
 
 import torch
 
-from lora_kernels.dropout import drawn_mask, dropped  # noqa: F401  (dropped: for the tests)
 from lora_kernels.reference import lora_linear_reference, relative_errors
+from lora_kernels.testing import drawn_mask, dropped  # noqa: F401  (dropped: for the tests)
 
 # (dtype, relative error bound against float64) for the plain-PyTorch path.
 TORCH_PATH_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import KERNEL_DEVICE
 
-from lora_kernels import function, gpu_check, tune
+from lora_kernels import gpu_check, tune, validation
 
 DEVICE = torch.device(KERNEL_DEVICE)
 
@@ -81,7 +81,7 @@ def test_the_model_stage_is_cut_at_its_time_cap(tmp_path):
 
 
 def test_every_stage_runs_and_writes_its_json(tmp_path, monkeypatch):
-    monkeypatch.setattr(function, "AUTO_TRITON_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(validation, "AUTO_TRITON_DEVICE_TYPES", ("cuda", "cpu"))
     monkeypatch.setenv(tune.ENV_CACHE, str(tmp_path / "user-cache.json"))  # put back afterwards
     summary = gpu_check.run(tmp_path / "out", 600, DEVICE, TINY_STAGES, log=lambda *_: None)
     tune.reset()

@@ -12,7 +12,7 @@ import torch
 
 from lora_kernels import triton_path
 from lora_kernels.inspect import ARCHS, table_plan
-from lora_kernels.kernels import fused_mm_tma
+from lora_kernels.kernels import common
 
 # Builds per group: bfloat16 (the dtype most users train in) at dropout 0 and 0.1. Blackwell is a
 # group of its own: Triton 3.2 (torch 2.6's) has no Blackwell target, so `make compat` leaves it
@@ -136,7 +136,7 @@ def test_hopper_builds_load_through_tma(built):
         if not r["descriptors"]:
             assert r["tma"] == 0, r
     on_tma = {(r["kernel"], r["dropout"]) for r in rows if r["descriptors"]}
-    if fused_mm_tma.TensorDescriptor is None:  # Triton 3.2 and 3.3 (make compat)
+    if common.TensorDescriptor is None:  # Triton 3.2 and 3.3 (make compat)
         assert not on_tma
     elif "sm_90" in group["archs"]:
         assert ("lora_bwd_dx", 0.1) not in on_tma

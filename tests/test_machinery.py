@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import faulthandler
 import os
+import sys
 import time
 
 import pytest
@@ -167,6 +168,13 @@ def _dist_worker(rank, world, x, y, out_dir, how):
     finally:
         dist.destroy_process_group()
         faulthandler.cancel_dump_traceback_later()
+    # NOTE: the results are saved; leave without running destructors. Freeing the DDP model can
+    # deadlock in torch's gloo teardown: the Reducer's destructor, holding the GIL, waits for the
+    # process group's work thread, which waits for the GIL to free its last work (seen once here
+    # with torch 2.13: a worker asleep in ~ProcessGroupGloo after its results were written).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.parametrize("how", ["ddp", "fsdp2"])
@@ -301,9 +309,9 @@ def test_compile_fullgraph_layer_training_dynamic_triton_path(monkeypatch, dropo
     """A LoRALayer in training mode, compiled with dynamic=True, on the Triton path (what every
     GPU user gets). The layer's float dropout turns symbolic there; the plan's arguments must
     stay constants (it failed to compile: "assume_constant_result argument conversion")."""
-    from lora_kernels import function
+    from lora_kernels import validation
 
-    monkeypatch.setattr(function, "AUTO_TRITON_DEVICE_TYPES", ("cuda", "cpu"))  # the interpreter
+    monkeypatch.setattr(validation, "AUTO_TRITON_DEVICE_TYPES", ("cuda", "cpu"))  # the interpreter
     torch.manual_seed(0)
     layer = LoRALayer(16, 12, rank=4, init="seed", dropout=dropout).train()
     compiled = torch.compile(layer, fullgraph=True, dynamic=True)

@@ -29,10 +29,12 @@ from lora_kernels import (
     lora_linear,
     quant,
     roofline,
+    testing,
     triton_path,
 )
 from lora_kernels.kernels import dequant
-from lora_kernels.kernels.fused_mm import fused_mm, fused_mm_config
+from lora_kernels.kernels.configs import fused_mm_config
+from lora_kernels.kernels.fused_mm import fused_mm
 from lora_kernels.reference import lora_linear_reference
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -108,7 +110,7 @@ def test_dequantize_is_bitsandbytes(quant_type, nested, blocksize, dtype):
         assert torch.equal(bits(ours), bits(theirs)), (n, k)
         on_device = packed.to(KERNEL_DEVICE)
         on_device.quant_state = state
-        kernel = dequant.dequantize(on_device, state.dtype).cpu()  # Triton (the interpreter here)
+        kernel = testing.dequantize(on_device, state.dtype).cpu()  # Triton (the interpreter here)
         assert torch.equal(bits(kernel), bits(theirs)), (n, k)
 
 
@@ -124,7 +126,9 @@ def in_loop_mm(x, w, dtype, *, lora=None):
     k, n = w.shape
     p, q = lora if lora is not None else (x.new_zeros(k, 1), x.new_zeros(1, n))
     upcast = x.device.type == "cpu" and dtype == torch.bfloat16
-    return fused_mm(x, w, None, p, q, 0.5, config=SMALL_TILES, precision="ieee", upcast=upcast)
+    return fused_mm(
+        x, w, None, p, q, 0.5, config=SMALL_TILES, num_sms=1, precision="ieee", upcast=upcast
+    )
 
 
 @pytest.mark.parametrize(
@@ -154,7 +158,7 @@ def test_in_loop_dequantization_is_bitsandbytes(quant_type, nested, blocksize, d
         x = torch.randn(19, k, generator=gen).to(dtype).to(KERNEL_DEVICE)
         lora = [(torch.randn(*s, generator=gen) * 0.1).to(dtype).to(KERNEL_DEVICE)
                 for s in ((k, 5), (5, n))]  # fmt: skip
-        buffer = dequant.dequantize(on_device, dtype)
+        buffer = testing.dequantize(on_device, dtype)
         for got, expected in zip(in_loop_mm(x, w.t(), dtype, lora=lora),
                                  in_loop_mm(x, buffer.t(), dtype, lora=lora)):  # fmt: skip
             assert torch.equal(bits(got.cpu()), bits(expected.cpu())), (n, k)
@@ -507,7 +511,9 @@ def test_adapter_round_trip_with_peft(tmp_path):
     base.is_loaded_in_4bit = True
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "ours")
     x_grad = x.clone().requires_grad_(True)  # NOTE: a grad-requiring input keeps bitsandbytes'
-    assert torch.equal(theirs(x_grad).detach(), expected)  # CPU repacking out of the oracle
+    # CPU repacking out of the oracle. Its CPU kernels round differently per instruction set
+    # (AVX-512 or not): float32 equal to 1e-6, as test_from_peft_equals_peft_bnb_layer.
+    assert_close("peft y", theirs(x_grad), expected.double(), 1e-6)
     theirs.save_pretrained(tmp_path / "theirs")
 
     again = nn.Sequential()
@@ -572,7 +578,7 @@ def minilm_4bit(quant_type="nf4"):
                 compute_dtype=torch.float32, quant_type=quant_type,
             )  # fmt: skip
             q.load_state_dict(module.state_dict())
-            adapters._set_submodule(model, name, q.to("cpu"))
+            adapters.set_submodule(model, name, q.to("cpu"))
     model.is_loaded_in_4bit = True
     return model, real_models
 

@@ -1,5 +1,5 @@
-"""The Hopper path: TMA descriptor kernels over a persistent grid (``fused_mm_tma``,
-``lora_grad_tma``), against the float64 reference, where the tensors allow descriptors, and the
+"""The Hopper path: the TMA descriptor kernels over a persistent grid (``fused_mm``'s and
+``lora_grad``'s), against the float64 reference, where the tensors allow descriptors, and the
 pointer kernels everywhere else (Triton's interpreter enforces TMA's 16-byte rules here)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from helpers import (
 )
 
 from lora_kernels import lora_linear, triton_path
-from lora_kernels.kernels import common, fused_mm_tma, lora_grad_tma
+from lora_kernels.kernels import common, fused_mm, lora_grad
 
 LAUNCHES = ("lora_fwd_t", "lora_fwd", "lora_bwd_dx", "lora_bwd_dA", "lora_bwd_dB")
 
@@ -43,19 +43,17 @@ def kernels_run(monkeypatch):
     """``{launch name: "tma" | "pointer"}`` of the calls made while the test runs."""
     seen = {}
 
-    def spy(module, name, kind):
-        real = getattr(module, name)
+    def spy(module):
+        real = module.launch
 
-        def wrapped(*args, **kwargs):
-            seen[kwargs["name"]] = kind
-            return real(*args, **kwargs)
+        def wrapped(name, kernel, grid, args, kwargs):
+            seen[name] = "tma" if kernel.fn.__name__.endswith("_tma_kernel") else "pointer"
+            return real(name, kernel, grid, args, kwargs)
 
-        monkeypatch.setattr(module, name, wrapped)
+        monkeypatch.setattr(module, "launch", wrapped)
 
-    spy(fused_mm_tma, "fused_mm_tma", "tma")
-    spy(lora_grad_tma, "lora_grad_tma", "tma")
-    spy(triton_path, "fused_mm", "pointer")
-    spy(triton_path, "lora_grad", "pointer")
+    spy(fused_mm)
+    spy(lora_grad)
     return seen
 
 
@@ -158,8 +156,7 @@ def tma_flags(dtype, dropout, arch):
     are decoded, never copied by TMA)."""
     plan = triton_path.plan_for(torch.device("meta"), dtype, 16, dropout, arch=arch)
     assert "TMA" not in plan.fwd_4bit and "TMA" not in plan.dx_4bit
-    launches = ("fwd", "t_only", "dx", "grad_dA", "grad_dB")
-    return {f: getattr(plan, f).get("TMA") for f in launches}
+    return {f: getattr(plan, f).get("TMA") for f in triton_path.LAUNCHES}
 
 
 def test_which_tables_take_descriptors():
@@ -172,8 +169,8 @@ def test_which_tables_take_descriptors():
 
 
 def test_a_triton_without_descriptors_runs_the_pointer_kernels(kernels_run, monkeypatch):
-    monkeypatch.setattr(fused_mm_tma, "TensorDescriptor", None)
-    monkeypatch.setattr(lora_grad_tma, "TensorDescriptor", None)
+    monkeypatch.setattr(fused_mm, "TensorDescriptor", None)
+    monkeypatch.setattr(lora_grad, "TensorDescriptor", None)
     run_case((17,), 40, 24, 8, torch.bfloat16, 0.0)
     assert set(kernels_run.values()) == {"pointer"}
 

@@ -27,8 +27,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_kernels import LoRALayer, LoRALinearFunction, lora_linear, triton_path
-from lora_kernels.function import resolve_backend
-from lora_kernels.kernels import common, fused_mm, lora_grad
+from lora_kernels.kernels import common, configs, fused_mm, lora_grad
+from lora_kernels.validation import resolve_backend
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -312,7 +312,7 @@ def test_plan_is_kept_for_backward(monkeypatch):
     A = p["lora_A"].requires_grad_(True)
     y = lora_linear(x, p["weight"], p["bias"], A, p["lora_B"], backend="triton")
     plan = triton_path.plan_from_str(y.grad_fn.plan)
-    assert plan.fwd == {**fused_mm.fused_mm_config(9, torch.float16, 4), "TMA": True} or x.is_cuda
+    assert plan.fwd == {**configs.fused_mm_config(9, torch.float16, 4), "TMA": True} or x.is_cuda
     seen = []
     real = triton_path.backward
     monkeypatch.setattr(

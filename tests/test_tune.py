@@ -27,9 +27,10 @@ from helpers import (
 from torch import nn
 
 import lora_kernels
-from lora_kernels import LoRALayer, function, lora_linear, torch_path, triton_path, tune
+from lora_kernels import LoRALayer, lora_linear, timing, torch_path, triton_path, tune, validation
 from lora_kernels.kernels import common
 from lora_kernels.kernels.common import padded_rank
+from lora_kernels.tune import __main__ as tune_cli
 
 DEVICE = torch.device(KERNEL_DEVICE)
 
@@ -48,7 +49,7 @@ def fresh_cache(tmp_path, monkeypatch):
 @pytest.fixture
 def auto_on_cpu(monkeypatch):
     """``backend="auto"`` takes the kernels on CPU tensors too (the interpreter as the GPU)."""
-    monkeypatch.setattr(function, "AUTO_TRITON_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(validation, "AUTO_TRITON_DEVICE_TYPES", ("cuda", "cpu"))
 
 
 def fake_times(monkeypatch, fastest: str):
@@ -61,7 +62,7 @@ def fake_times(monkeypatch, fastest: str):
 
     plan = triton_path.plan_for(DEVICE, torch.float32, 16, False)
     order = [name for name, _ in tune.candidates(plan, False)] + ["torch"]
-    monkeypatch.setattr(tune, "_time_ms", timed)
+    monkeypatch.setattr(timing, "time_ms", timed)
 
 
 def decision_for(plan, provider="triton"):
@@ -218,7 +219,7 @@ def test_the_fastest_candidate_wins(monkeypatch, fastest):
 
 
 def test_a_failing_candidate_is_skipped(monkeypatch):
-    real = tune._layer_call
+    real = timing.layer_call
 
     def flaky(plan, *args):
         if (
@@ -229,7 +230,7 @@ def test_a_failing_candidate_is_skipped(monkeypatch):
             raise RuntimeError("out of resources")
         return real(plan, *args)
 
-    monkeypatch.setattr(tune, "_layer_call", flaky)
+    monkeypatch.setattr(timing, "layer_call", flaky)
     _, decision = tune.tune(DEVICE, torch.float32, 8, 32, 48, 4)
     failed = [c for c in decision["candidates"] if "error" in c]
     assert [c["name"] for c in failed] == ["fwd BLOCK_N/2"]
@@ -276,7 +277,7 @@ def test_store_keeps_what_another_process_wrote(fresh_cache):
     fresh_cache.write_text(json.dumps(other))  # another process, since
     tune.store("mine|key", decision_for(plan, "torch"))
     assert set(json.loads(fresh_cache.read_text())["decisions"]) == {"other|key", "mine|key"}
-    assert not [p for p in fresh_cache.parent.iterdir() if p.name.startswith(".tune-")]
+    assert [p.name for p in fresh_cache.parent.iterdir()] == ["tune.json"]  # no temporary left
 
 
 # --- dispatch ---------------------------------------------------------------------------------
@@ -402,7 +403,7 @@ def test_4bit_keys_measure_both_strategies_and_the_torch_path(monkeypatch, faste
     says (M = 6 is below it: untuned, it decodes in the K loop)."""
     order = list(tune.FOUR_BIT_CANDIDATES)
     times = iter([1.0 if name == fastest else 5.0 for name in order])
-    monkeypatch.setattr(tune, "_time_ms", lambda fn, device: fn() or next(times))
+    monkeypatch.setattr(timing, "time_ms", lambda fn, device: fn() or next(times))
     key_, decision = tune.tune(DEVICE, torch.float32, 6, 32, 48, 4, base="nf4")
     assert key_ == key(6, 32, 48, 4) + "|nf4"  # the 16-bit key, marked
     assert [c["name"] for c in decision["candidates"]] == order
@@ -476,7 +477,7 @@ def test_cli_errors():
         ["--shape", "8x32x48x4", "--dropout", "1"],
     ):
         with pytest.raises(SystemExit) as info:
-            tune.main(bad)
+            tune_cli.main(bad)
         assert info.value.code == 2, bad
 
 

@@ -9,6 +9,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-built descriptors (Hopper's TMA): Triton 3.4 and later
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover  (older Triton: the pointer kernels only)
+    TensorDescriptor = None
+
 # tl.dot needs every dimension >= 16; the rank is padded (masked) to a power of two >= 16 inside
 # the kernels, never in user memory.
 MIN_DOT_DIM = 16
@@ -16,6 +21,9 @@ MIN_DOT_DIM = 16
 # Every launch passes this option explicitly: Triton 3.9 warns when it is left to its default,
 # and FMA contraction is what the accumulation in every kernel here wants.
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
+# TMA's rules (CUDA's cuTensorMapEncodeTiled): 16-byte aligned base and strides, unit last stride.
+TMA_ALIGN = 16
 
 # Tests set this to fill every kernel output with NaN before launch, so an element a kernel
 # forgets to write fails the comparison instead of passing by luck on zero-filled memory.
@@ -50,6 +58,24 @@ def alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def describable(t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """``(row-major tensor, transposed)`` to build ``t``'s TMA descriptor from: ``t`` itself
+    when its last stride is 1, ``t.T`` when ``t`` is the transposed view of a row-major tensor;
+    ``None`` when TMA can't describe it (another layout, a misaligned base or stride, an empty
+    tensor)."""
+    if t.dim() != 2 or t.numel() == 0:
+        return None
+    if t.stride(1) == 1:
+        base, transposed = t, False
+    elif t.stride(0) == 1:
+        base, transposed = t.t(), True
+    else:
+        return None
+    if base.data_ptr() % TMA_ALIGN or (base.stride(0) * base.element_size()) % TMA_ALIGN:
+        return None
+    return base, transposed
 
 
 @dataclass
@@ -93,6 +119,19 @@ def launch(name: str, kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
     device = next(a.device for a in args if hasattr(a, "device"))
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         kernel[grid](*args, **kwargs)
+
+
+@triton.jit
+def grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of the ``tile``-th output tile in the grouped order: ``GROUP_M``
+    row-blocks walk the column-blocks together, so they share each column-block of W in L2
+    (Triton's tutorial 03). Launched tile by tile, or walked by a persistent grid."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (tile // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+    pid_n = (tile % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
 
 
 @triton.jit

@@ -13,8 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import quant
-from .common import alloc, launch, to_output
+from .common import launch, to_output
 
 BLOCK = 1024  # elements per program: 512 bytes read, 2 KiB of bf16 written
 
@@ -55,15 +54,6 @@ def dequant_4bit_kernel(
     values = decode(packed_ptr, absmax_ptr, code_ptr, base, offs, inside, BLOCKSIZE)
     out = to_output(values, out_ptr.dtype.element_ty, UPCAST)
     tl.store(out_ptr + base + offs, out, mask=inside)
-
-
-def dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``W (N, K)`` in ``dtype`` from a bitsandbytes 4-bit ``weight``: ``quant.dequantize``'s
-    math, in one launch, into a new tensor (the caller's transient buffer)."""
-    w = quant.packed(weight)
-    out = alloc(w.shape, dtype, w.data.device)
-    launch_dequant(w.data, w.scales, w.code, out, w.blocksize)
-    return out
 
 
 def launch_dequant(

@@ -11,6 +11,14 @@ dA = (dropout(x)^T (s dS))^T: U = T from the dx pass, V = x (the forward's mask)
 M is split into SPLIT chunks; each program reduces one (chunk, D-tile) into a float32 partial,
 and the partials are summed in a fixed order on the host: no atomics, so two runs give bitwise
 identical gradients.
+
+Two kernels, one reduction: ``_lora_grad_kernel`` loads its tiles through pointers, one program
+per (chunk, D tile); ``_lora_grad_tma_kernel`` (Hopper and later) reads ``U`` and ``V`` through
+tensor descriptors, one bulk copy a tile, and one program per SM walks the same items
+(``item += NUM_PROGRAMS``). Chunks are multiples of ``BLOCK_M``, so a descriptor tile never
+straddles two chunks; the last one's rows past M read as zeros. ``lora_grad`` launches the
+descriptor kernel where the config asks for it and TMA can describe both operands
+(``supports``), the pointer kernel everywhere else. The configs are ``kernels/configs.py``'s.
 """
 
 from __future__ import annotations
@@ -20,58 +28,21 @@ import triton
 import triton.language as tl
 
 from ..dropout import keep_threshold
-from .common import alloc, dropout_keep, launch, mma_f32_rhs, padded_rank, tl_dtype
+from .common import (
+    TensorDescriptor,
+    alloc,
+    describable,
+    dropout_keep,
+    launch,
+    mma_f32_rhs,
+    padded_rank,
+    tl_dtype,
+)
 
-# Per GPU generation. BLOCK_M is the reduction step; BLOCK_D the width of the output tile.
-# Ranks padded to >= 64 double the warps (and Ampere halves BLOCK_M): the (BLOCK_D x R)
-# accumulator and the hi/lo split U tile otherwise pass 255 registers a thread and spill.
-GRAD_CONFIGS = {
-    8: {"BLOCK_M": 64, "BLOCK_D": 128, "num_warps": 4, "num_stages": 3},
-    9: {"BLOCK_M": 64, "BLOCK_D": 128, "num_warps": 4, "num_stages": 4},
-}
-GRAD_CONFIGS_LARGE_RANK = {
-    8: {"BLOCK_M": 32, "BLOCK_D": 128, "num_warps": 8, "num_stages": 3},
-    9: {"BLOCK_M": 64, "BLOCK_D": 128, "num_warps": 8, "num_stages": 4},
-}
-LARGE_RANK = 64
-# With dropout (dA only), the mask's Philox state joins the registers: Ampere takes its
-# large-rank config at every rank (64 x 128 spills at R >= 64). Keyed by arch.
-GRAD_CONFIGS_16BIT_DROPOUT = {
-    8: {"BLOCK_M": 32, "BLOCK_D": 128, "num_warps": 8, "num_stages": 3},
-}
-GRAD_CONFIGS_FP32 = {
-    8: {"BLOCK_M": 32, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3},
-    9: {"BLOCK_M": 32, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3},
-}
-KNOWN_ARCHS = (8, 9)
 # Enough programs to fill every SM about twice, but never chunks shorter than MIN_CHUNK_BLOCKS
 # reduction steps (each chunk's partial costs an (r x D) float32 write and read).
 PROGRAMS_PER_SM = 2
 MIN_CHUNK_BLOCKS = 4
-
-
-def grad_config(arch: int, dtype: torch.dtype, rank: int, dropout: bool = False) -> dict:
-    """Launch config of ``_lora_grad_kernel`` for compute-capability major ``arch``;
-    ``dropout`` for the dA launch with dropout."""
-    arch = min(max(arch, KNOWN_ARCHS[0]), KNOWN_ARCHS[-1])
-    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
-    if dropout and sixteen_bit and arch in GRAD_CONFIGS_16BIT_DROPOUT:
-        return dict(GRAD_CONFIGS_16BIT_DROPOUT[arch])
-    if not sixteen_bit:
-        table = GRAD_CONFIGS_FP32
-    elif padded_rank(rank) >= LARGE_RANK:
-        table = GRAD_CONFIGS_LARGE_RANK
-    else:
-        table = GRAD_CONFIGS
-    return dict(table[arch])
-
-
-def num_splits(m: int, d: int, config: dict, num_sms: int) -> int:
-    """How many M-chunks to reduce in parallel for an ``(m, d)`` wide operand."""
-    d_tiles = triton.cdiv(d, config["BLOCK_D"])
-    by_occupancy = triton.cdiv(num_sms * PROGRAMS_PER_SM, d_tiles)
-    by_length = triton.cdiv(m, config["BLOCK_M"] * MIN_CHUNK_BLOCKS)
-    return max(1, min(by_occupancy, by_length))
 
 
 @triton.jit(do_not_specialize=["seed", "dropout_threshold"])
@@ -147,6 +118,67 @@ def _lora_grad_kernel(
     tl.store(part_ptrs, acc, mask=mask_d[:, None] & mask_r[None, :])
 
 
+@triton.jit(do_not_specialize=["seed", "dropout_threshold"])
+def _lora_grad_tma_kernel(
+    # descriptors
+    u_desc,  # U (M, RANK) ACC, block (BLOCK_M, R)
+    v_desc,  # V (M, D), block (BLOCK_M, BLOCK_D)
+    # pointers
+    part_ptr,  # partials (SPLIT, RANK, D) ACC (any strides: dA writes them transposed)
+    # sizes
+    M,
+    D,
+    RANK,
+    CHUNK,  # rows per split, a multiple of BLOCK_M
+    SPLIT,
+    NUM_PROGRAMS,
+    # strides
+    stride_ps,
+    stride_pr,
+    stride_pd,
+    # scalars
+    dropout_threshold,
+    dropout_scale,
+    seed,
+    # meta-parameters
+    DROPOUT: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    num_d = tl.cdiv(D, BLOCK_D)
+    for item in range(tl.program_id(0), num_d * SPLIT, NUM_PROGRAMS):
+        # --- work mapping: D tiles fastest, as the pointer kernel's grid axis 0
+        pid_d = item % num_d
+        pid_s = item // num_d
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_r = tl.arange(0, R)
+        m_start = pid_s * CHUNK
+        m_end = min(m_start + CHUNK, M)
+
+        # --- main loop over this chunk's rows
+        acc = tl.zeros((BLOCK_D, R), dtype=ACC)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            u = u_desc.load([m0, 0])
+            v = v_desc.load([m0, pid_d * BLOCK_D])
+            if DROPOUT:
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                keep = dropout_keep(seed, offs_m, pid_d * BLOCK_D, BLOCK_D, dropout_threshold)
+                v = tl.where(keep, v, 0.0)
+            acc = mma_f32_rhs(tl.trans(v), u, acc, PRECISION, UPCAST)
+
+        # --- epilogue: one float32 partial per (chunk, D tile), as the pointer kernel's
+        if DROPOUT:
+            acc = acc * dropout_scale
+        part_ptrs = (
+            part_ptr + pid_s * stride_ps + offs_d[:, None] * stride_pd + offs_r[None, :] * stride_pr
+        )
+        tl.store(part_ptrs, acc, mask=(offs_d < D)[:, None] & (offs_r < RANK)[None, :])
+
+
 def lora_grad(
     u: torch.Tensor,
     v: torch.Tensor,
@@ -162,44 +194,22 @@ def lora_grad(
     name: str = "lora_bwd_dB",
 ) -> torch.Tensor:
     """``u (M, r)`` float32, ``v (M, D)`` -> ``u^T drop(v)`` as ``(r, D)``, or ``(D, r)`` with
-    ``transpose_out``, in ``out_dtype``."""
+    ``transpose_out``, in ``out_dtype``: one launch of either kernel, then the fixed-order sum
+    of the partials."""
     (m, rank), d = u.shape, v.shape[1]
-    out_shape = (d, rank) if transpose_out else (rank, d)
     if m == 0:
-        return torch.zeros(out_shape, dtype=out_dtype, device=u.device)
-    split, chunk, part, (stride_ps, stride_pr, stride_pd) = partials(u, d, transpose_out, config,
-                                                                    num_sms)  # fmt: skip
-    grid = (triton.cdiv(d, config["BLOCK_D"]), split)
-    args = (
-        u, v, part,
-        m, d, rank, chunk,
-        u.stride(0), u.stride(1),
-        v.stride(0), v.stride(1),
-        stride_ps, stride_pr, stride_pd,
-        keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p), seed,
-    )  # fmt: skip
-    meta = grad_meta(u, rank, dropout_p, config, precision, upcast)
-    launch(name, _lora_grad_kernel, grid, args, meta)
-    return reduce_partials(part, split, out_dtype)
-
-
-def partials(u, d: int, transpose_out: bool, config: dict, num_sms: int):
-    """``(splits, rows per split, partials, (stride_ps, stride_pr, stride_pd))`` of one
-    reduction (shared with the descriptor launcher). The chunks are multiples of ``BLOCK_M``;
-    the partials lie in the output's own layout, so the host-side sum lands contiguous."""
-    m, rank = u.shape
+        return torch.zeros(
+            (d, rank) if transpose_out else (rank, d), dtype=out_dtype, device=u.device
+        )
+    # The chunks are multiples of BLOCK_M; the partials lie in the output's own layout, so the
+    # host-side sum lands contiguous.
     split = num_splits(m, d, config, num_sms)
     chunk = triton.cdiv(triton.cdiv(m, split), config["BLOCK_M"]) * config["BLOCK_M"]
     split = triton.cdiv(m, chunk)
     part = alloc((split, *((d, rank) if transpose_out else (rank, d))), u.dtype, u.device)
     stride_ps, first, second = part.stride()
-    strides = (stride_ps, second, first) if transpose_out else (stride_ps, first, second)
-    return split, chunk, part, strides
-
-
-def grad_meta(u, rank: int, dropout_p: float, config: dict, precision: str, upcast: bool) -> dict:
-    """The constexpr arguments both reduction kernels take (not the config's ``TMA`` flag)."""
-    return {
+    part_strides = (stride_ps, second, first) if transpose_out else (stride_ps, first, second)
+    meta = {
         "DROPOUT": dropout_p > 0.0,
         "R": padded_rank(rank),
         "ACC": tl_dtype(u.dtype),
@@ -207,9 +217,38 @@ def grad_meta(u, rank: int, dropout_p: float, config: dict, precision: str, upca
         "UPCAST": upcast,
         **{key: value for key, value in config.items() if key != "TMA"},
     }
-
-
-def reduce_partials(part: torch.Tensor, split: int, out_dtype: torch.dtype) -> torch.Tensor:
+    scalars = (keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p), seed)
+    if config.get("TMA") and supports(u, v):
+        u_desc = TensorDescriptor.from_tensor(u, [meta["BLOCK_M"], meta["R"]])
+        v_desc = TensorDescriptor.from_tensor(v, [meta["BLOCK_M"], meta["BLOCK_D"]])
+        programs = min(num_sms, triton.cdiv(d, meta["BLOCK_D"]) * split)
+        args = (u_desc, v_desc, part, m, d, rank, chunk, split, programs, *part_strides, *scalars)
+        launch(name, _lora_grad_tma_kernel, (programs,), args, meta)
+    else:
+        args = (
+            u, v, part,
+            m, d, rank, chunk,
+            u.stride(0), u.stride(1),
+            v.stride(0), v.stride(1),
+            *part_strides,
+            *scalars,
+        )  # fmt: skip
+        launch(name, _lora_grad_kernel, (triton.cdiv(d, meta["BLOCK_D"]), split), args, meta)
     # NOTE: a fixed-order sum over the split axis (no atomics): deterministic run to run.
-    grad = part[0] if split == 1 else part.sum(0)
-    return grad.to(out_dtype)
+    return (part[0] if split == 1 else part.sum(0)).to(out_dtype)
+
+
+def num_splits(m: int, d: int, config: dict, num_sms: int) -> int:
+    """How many M-chunks to reduce in parallel for an ``(m, d)`` wide operand."""
+    d_tiles = triton.cdiv(d, config["BLOCK_D"])
+    by_occupancy = triton.cdiv(num_sms * PROGRAMS_PER_SM, d_tiles)
+    by_length = triton.cdiv(m, config["BLOCK_M"] * MIN_CHUNK_BLOCKS)
+    return max(1, min(by_occupancy, by_length))
+
+
+def supports(u: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether one ``lora_grad`` call can run on descriptors: Triton has them and both operands
+    are row-major and describable by TMA (``T`` is ``(M, r)`` float32: r a multiple of 4)."""
+    if TensorDescriptor is None:
+        return False
+    return all(d is not None and not d[1] for d in (describable(u), describable(v)))

@@ -1,0 +1,291 @@
+"""peft's adapter files, both ways: ``save_peft_adapter`` writes what
+``peft.PeftModel.from_pretrained`` loads, ``load_peft_adapter`` loads what peft saves
+(``adapter_config.json`` and ``adapter_model.safetensors``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+
+import torch
+from torch import nn
+
+from ..layer import LoRALayer
+from ..validation import check_adapter_dtype
+from .inject import adapted
+from .matching import (
+    check_nothing_unsaved,
+    freeze_all_but_trained,
+    lora_layers,
+    mark_to_save,
+    matches,
+    modules_to_save_in,
+    overlaps,
+    pattern_value,
+    replace_modules,
+    trained_parameters,
+    under,
+)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+
+
+def _alpha_of(layer: LoRALayer) -> float:
+    """The peft ``lora_alpha`` that gives this layer's scaling."""
+    return layer.scaling * (math.sqrt(layer.rank) if layer.use_rslora else layer.rank)
+
+
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+def save_peft_adapter(
+    model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None
+) -> None:
+    """Write the model's ``LoRALayer`` adapters as a peft LoRA adapter into ``directory``.
+
+    ``adapter_model.safetensors`` holds ``base_model.model.<module>.lora_A.weight`` ``(r, in)``
+    and ``...lora_B.weight`` ``(out, r)``, and for each module to save (peft's
+    ``modules_to_save``) its whole state dict as ``base_model.model.<module>.<key>``, the keys
+    peft writes; ``adapter_config.json`` holds ``peft_type``, ``r``, ``lora_alpha``,
+    ``target_modules``, ``lora_dropout``, ``use_rslora``, ``bias``, ``rank_pattern`` and
+    ``alpha_pattern`` (per-module values where layers differ) and ``modules_to_save``. Written
+    atomically: the files appear together, or the directory is left as it was.
+
+    Refuses (``ValueError``, nothing written) what the files could not hold: merged layers,
+    layers that differ in ``use_rslora`` or dropout, and any parameter that requires grad but is
+    neither a LoRA adapter nor in a module to save (a save never drops what was trained).
+    """
+    from safetensors.torch import save_file
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRALayer to save")
+    to_save = modules_to_save_in(model)
+    check_nothing_unsaved(model.named_parameters(), trained_parameters(model), "save")
+    if len({layer.use_rslora for layer in layers.values()}) > 1:
+        raise ValueError("layers mix use_rslora True and False; peft's config takes one value")
+    if any(layer.merged for layer in layers.values()):
+        merged = [n for n, layer in layers.items() if layer.merged]
+        raise ValueError(f"merged layers can't be saved as an adapter: {', '.join(merged)}")
+    rank = _most_common([layer.rank for layer in layers.values()])
+    alpha = _most_common([_alpha_of(layer) for layer in layers.values()])
+    dropout = _most_common([layer.dropout for layer in layers.values()])
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted(layers),
+        "use_rslora": next(iter(layers.values())).use_rslora,
+        "bias": "none",
+        "rank_pattern": {n: layer.rank for n, layer in layers.items() if layer.rank != rank},
+        "alpha_pattern": {
+            n: _alpha_of(layer) for n, layer in layers.items() if _alpha_of(layer) != alpha
+        },
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": sorted(to_save) or None,
+        "use_dora": False,
+    }
+    if len({layer.dropout for layer in layers.values()}) > 1:
+        raise ValueError("layers have different dropout; peft's config takes one value")
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().t().contiguous().cpu()
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().t().contiguous().cpu()
+    for name, module in to_save.items():
+        for key, value in module.state_dict().items():
+            # clone: safetensors refuses tensors that share storage (a tied weight, a view)
+            tensors[f"{KEY_PREFIX}{name}.{key}"] = value.detach().cpu().clone()
+
+    directory = os.fspath(directory)
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
+    try:
+        save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(staging, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=2)
+        _replace_directory(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_directory(staging: str, directory: str) -> None:
+    """Move ``staging``'s files into ``directory`` so they appear together: a fresh directory
+    is renamed in one step; an existing one keeps its other files and gets ours by rename."""
+    if not os.path.exists(directory):
+        os.rename(staging, directory)
+        return
+    if not os.path.isdir(directory):
+        raise NotADirectoryError(f"{directory} exists and is not a directory")
+    # NOTE: both files are renamed into place only after both were written; a crash between the
+    # two renames is the one window, narrower than any write.
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        os.replace(os.path.join(staging, name), os.path.join(directory, name))
+
+
+def _read_adapter(directory: str):
+    """Parse and check the files of an adapter directory; raise ``ValueError`` naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config_path = os.path.join(directory, CONFIG_NAME)
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory}: no such adapter directory")
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"{path}: missing (a peft LoRA adapter has {CONFIG_NAME} and {WEIGHTS_NAME})"
+            )
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}, not 'LORA'")
+    unsupported = {
+        "use_dora": bool(config.get("use_dora")),
+        "lora_bias": bool(config.get("lora_bias")),
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
+        "bias": config.get("bias", "none") != "none",
+        "trainable_token_indices": bool(config.get("trainable_token_indices")),
+    }
+    for feature, present in unsupported.items():
+        if present:
+            raise ValueError(f"{config_path}: {feature}={config.get(feature)!r} is not supported")
+    saved = config.get("modules_to_save") or []
+    if not isinstance(saved, list) or not all(isinstance(n, str) for n in saved):
+        raise ValueError(f"{config_path}: modules_to_save must be a list of module names")
+    for field in ("r", "lora_alpha"):
+        if not isinstance(config.get(field), (int, float)) or isinstance(config.get(field), bool):
+            raise ValueError(f"{config_path}: {field} must be a number, got {config.get(field)!r}")
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from e
+    return config, tensors, config_path, weights_path
+
+
+def load_peft_adapter(
+    model: nn.Module, directory: str | os.PathLike, adapter_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Inject ``LoRALayer``s carrying a peft LoRA adapter's weights and config into ``model``.
+
+    Everything is read and checked first: both files present and parseable, a supported config,
+    every key of the form ``base_model.model.<module>.lora_{A,B}.weight`` naming an
+    ``nn.Linear`` of ``model`` without LoRA, with matching shapes, A and B paired, and every
+    other key the whole state dict of a module the config's ``modules_to_save`` names. On any
+    error the model is left exactly as it was and the ``ValueError`` names the file and the
+    problem. Then the modules to save get their saved weights and stay trainable, and every
+    other parameter is frozen, as :func:`inject_lora` does. The adapters take each linear's
+    dtype, or ``adapter_dtype`` when given (``torch.float32`` on a bfloat16 model, as peft's
+    ``autocast_adapter_dtype`` does). Returns ``model``.
+    """
+    check_adapter_dtype(adapter_dtype)
+    directory = os.fspath(directory)
+    config, tensors, config_path, weights_path = _read_adapter(directory)
+    existing = list(lora_layers(model))
+    # The model's modules the config names to save (peft matches them by name suffix; an
+    # entry naming no module of this model, as a SEQ_CLS config's "score" on BERT, is skipped).
+    saved_names = [
+        n for n, _ in model.named_modules() if n and matches(n, config.get("modules_to_save") or [])
+    ]
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    to_save: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        m = re.fullmatch(rf"{re.escape(KEY_PREFIX)}(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        if m is not None:
+            pairs.setdefault(m.group(1), {})[m.group(2)] = value
+            continue
+        rest = key.removeprefix(KEY_PREFIX)
+        owner = max((n for n in saved_names if rest.startswith(n + ".")), key=len, default=None)
+        if not key.startswith(KEY_PREFIX) or owner is None:
+            raise ValueError(
+                f"{weights_path}: unexpected key {key!r} (neither a LoRA weight nor in a module "
+                f"of modules_to_save {config.get('modules_to_save')!r})"
+            )
+        to_save.setdefault(owner, {})[rest[len(owner) + 1 :]] = value
+    if not pairs:
+        raise ValueError(f"{weights_path}: no LoRA weights")
+    for name in saved_names:
+        if not overlaps(name, to_save):
+            raise ValueError(f"{weights_path}: no weights for {name!r}, a module to save")
+    for name, state in to_save.items():
+        module = model.get_submodule(name)
+        if overlaps(name, existing):
+            raise ValueError(f"{weights_path}: {name}, a module to save, has LoRA already")
+        expected = module.state_dict()
+        if state.keys() != expected.keys():
+            raise ValueError(
+                f"{weights_path}: {name} (a module to save) has keys {sorted(state)} in the "
+                f"file, the model's {type(module).__name__} has {sorted(expected)}"
+            )
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise ValueError(
+                    f"{weights_path}: {name}.{key} has shape {tuple(value.shape)} in the file, "
+                    f"{tuple(expected[key].shape)} in the model"
+                )
+    use_rslora = bool(config.get("use_rslora", False))
+    dropout = float(config.get("lora_dropout", 0.0))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    checked = []
+    for name, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            missing = ({"A", "B"} - set(ab)).pop()
+            raise ValueError(f"{weights_path}: {name} has no lora_{missing} weight")
+        if under(name, existing):
+            raise ValueError(f"{weights_path}: {under(name, existing)} has LoRA already")
+        if under(name, to_save):
+            raise ValueError(f"{weights_path}: {name} is in a module to save and has LoRA")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{weights_path}: the model has no module {name!r}") from None
+        if not isinstance(module, nn.Linear):
+            raise ValueError(
+                f"{weights_path}: {name} is a {type(module).__name__}, not an nn.Linear"
+            )
+        A, B = ab["A"], ab["B"]
+        r = A.shape[0] if A.dim() == 2 else -1
+        if A.shape != (r, module.in_features) or B.shape != (module.out_features, r):
+            raise ValueError(
+                f"{weights_path}: {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
+                f"don't fit nn.Linear({module.in_features}, {module.out_features}) at one rank"
+            )
+        expected_r = pattern_value(rank_pattern, name, config["r"])
+        if r != expected_r:
+            raise ValueError(
+                f"{config_path}: {name} has rank {r} in the weights, {expected_r} in the config"
+            )
+        alpha = float(pattern_value(alpha_pattern, name, config["lora_alpha"]))
+        checked.append((name, module, A, B, alpha))
+
+    kwargs = {"use_rslora": use_rslora, "adapter_dtype": adapter_dtype}
+    new = {
+        name: adapted(module, A, B, alpha=alpha, dropout=dropout, **kwargs)
+        for name, module, A, B, alpha in checked
+    }
+    replace_modules(model, new)
+    for name, state in to_save.items():
+        model.get_submodule(name).load_state_dict(state)
+    mark_to_save(model, to_save)
+    freeze_all_but_trained(model)
+    return model
