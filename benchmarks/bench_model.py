@@ -10,16 +10,17 @@ Models: ``transformers.LlamaForCausalLM`` from a config (CPU preset: hidden 512,
 tokens from a fixed seed. LoRA r=16, alpha=32 on every linear but the head, dropout 0 and 0.1.
 
 Providers, from identical initial weights (the adapters copied across), AdamW (lr 1e-3) on the
-trainable parameters: ``lora_kernels`` (``inject_lora``), ``peft`` (``get_peft_model``), and
-``floor``: the frozen model without LoRA, forward + backward to its input embeddings, no
-optimizer: the least a LoRA step can cost.
+trainable parameters: ``lora_kernels`` (``inject_lora``), ``peft`` (``get_peft_model``),
+``peft_patched`` (the same peft model after ``lora_kernels.patch_peft``: peft's own layers on
+our kernels), and ``floor``: the frozen model without LoRA, forward + backward to its input
+embeddings, no optimizer: the least a LoRA step can cost.
 
 Per provider: the median step time (forward, backward, optimizer step), the providers
 interleaved step by step (order rotating); tokens/s and the ratios to peft and to the floor;
 peak memory (CUDA: ``max_memory_allocated`` over a step; CPU: the bytes saved for backward, by
-``saved_tensors_hooks``); the loss of every step. In float32 at dropout 0 our curve must follow
-peft's (relative 1e-4 after 20 steps); the worst step is printed. Output: a table, JSON and a PNG
-(loss curves, step-time bars), carrying the versions and the device.
+``saved_tensors_hooks``); the loss of every step. In float32 at dropout 0 both our curves must
+follow peft's (relative 1e-4 after 20 steps); the worst step is printed. Output: a table, JSON
+and a PNG (loss curves, step-time bars), carrying the versions and the device.
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ import torch  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # siblings, as a script
 from saved_memory import saved_bytes  # noqa: E402
 
-from lora_kernels import adapters, inject_lora  # noqa: E402
+from lora_kernels import adapters, inject_lora, patch_peft  # noqa: E402
 from lora_kernels.timing import machine_facts, write_json  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-PROVIDERS = ("lora_kernels", "peft", "floor")
+PROVIDERS = ("lora_kernels", "peft", "peft_patched", "floor")
+OURS = ("lora_kernels", "peft_patched")  # the providers whose loss must follow peft's
 RANK, ALPHA, LR = 16, 32, 1e-3
 AGREEMENT = 1e-4  # float32, dropout 0: our loss against peft's, relative, every step
 LLAMA = {
@@ -116,7 +118,7 @@ class Workload:
 
 
 def build(workload: Workload, dropout: float) -> dict:
-    """The three providers over copies of one base model, adapters identical."""
+    """The providers over copies of one base model, adapters identical."""
     import peft
 
     base = workload.base()
@@ -132,9 +134,12 @@ def build(workload: Workload, dropout: float) -> dict:
                 module.lora_A["default"].weight.copy_(layers[name].lora_A.t())
                 module.lora_B["default"].weight.copy_(layers[name].lora_B.t())
     assert len(layers) == sum(1 for m in theirs.modules() if hasattr(m, "lora_A")) > 0
+    patched = copy.deepcopy(theirs)
+    report = patch_peft(patched)
+    assert len(report.fused) == len(layers), report
     floor = base.requires_grad_(False)
     floor.enable_input_require_grads()  # backward runs through every layer, as under LoRA
-    models = {"lora_kernels": ours, "peft": theirs, "floor": floor}
+    models = {"lora_kernels": ours, "peft": theirs, "peft_patched": patched, "floor": floor}
     optimizers = {
         name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=LR)
         for name, m in models.items()
@@ -171,7 +176,8 @@ def run(workload: Workload, dropout: float, steps: int, warmup: int) -> dict:
     losses = {name: [] for name in models}
     torch.manual_seed(2)  # the dropout masks of both LoRA providers: reproducible runs
     for i in range(warmup + steps):
-        order = PROVIDERS[i % 3 :] + PROVIDERS[: i % 3]
+        turn = i % len(PROVIDERS)
+        order = PROVIDERS[turn:] + PROVIDERS[:turn]
         for name in order:
             device = workload.device
             if device.type == "cuda":
@@ -213,17 +219,19 @@ def run(workload: Workload, dropout: float, steps: int, warmup: int) -> dict:
 
 
 def agreement(losses: dict, dtype: torch.dtype, dropout: float) -> dict:
-    """Our loss curve against peft's: the worst step's relative difference."""
-    ours, theirs = losses["lora_kernels"], losses["peft"]
-    diffs = [abs(a - b) / abs(b) for a, b in zip(ours, theirs)]
-    worst = max(range(len(diffs)), key=diffs.__getitem__)
+    """Each of our loss curves against peft's: the worst step's relative difference."""
     checked = dtype == torch.float32 and dropout == 0.0
-    return {
-        "worst_step": worst,
-        "worst_rel": diffs[worst],
-        "checked": checked,  # only float32 at dropout 0 must agree (no masks, no 16-bit rounding)
-        "within": diffs[worst] <= AGREEMENT if checked else None,
-    }
+    out = {}
+    for provider in OURS:
+        diffs = [abs(a - b) / abs(b) for a, b in zip(losses[provider], losses["peft"])]
+        worst = max(range(len(diffs)), key=diffs.__getitem__)
+        out[provider] = {
+            "worst_step": worst,
+            "worst_rel": diffs[worst],
+            "checked": checked,  # only float32 at dropout 0 must agree (no masks, no rounding)
+            "within": diffs[worst] <= AGREEMENT if checked else None,
+        }
+    return out
 
 
 def format_table(results: list[dict]) -> str:
@@ -239,16 +247,16 @@ def format_table(results: list[dict]) -> str:
                 f"{r['vs_peft']:7.3f}x {r['vs_floor']:8.3f}x {r['saved_bytes'] / 2**20:10.1f} "
                 + (f"{peak / 2**20:9.1f}" if peak is not None else f"{'-':>9}")
             )
-        a = result["agreement"]
-        check = (
-            f"{'within' if a['within'] else 'OUTSIDE'} {AGREEMENT:g}"
-            if a["checked"]
-            else "not checked"
-        )
-        lines.append(
-            f"        loss vs peft: worst step {a['worst_step']}, relative {a['worst_rel']:.2e} "
-            f"({check})"
-        )
+        for provider, a in result["agreement"].items():
+            check = (
+                f"{'within' if a['within'] else 'OUTSIDE'} {AGREEMENT:g}"
+                if a["checked"]
+                else "not checked"
+            )
+            lines.append(
+                f"        {provider} loss vs peft: worst step {a['worst_step']}, relative "
+                f"{a['worst_rel']:.2e} ({check})"
+            )
     return "\n".join(lines)
 
 
@@ -264,11 +272,11 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
         for result in results:
             for r in result["rows"]:
                 if r["provider"] != "floor" and r["model"] == model:
-                    style = "-" if r["provider"] == "lora_kernels" else "--"
+                    style = {"lora_kernels": "-", "peft_patched": ":"}.get(r["provider"], "--")
                     curves.plot(r["losses"], style, label=f"p={r['dropout']:g} {r['provider']}")
         curves.set_xlabel("step")
         curves.set_ylabel("loss")
-        curves.set_title(f"{model}: loss (lora_kernels solid, peft dashed)")
+        curves.set_title(f"{model}: loss (lora_kernels solid, peft dashed, patched dotted)")
         curves.legend(fontsize=8)
     bars = axes[-1]
     groups = [(res["rows"][0]["model"], res["rows"][0]["dropout"]) for res in results]

@@ -13,9 +13,11 @@ from .adapters import (
     load_peft_adapter,
     merge_and_unload,
     merge_lora,
+    patch_peft,
     save_peft_adapter,
     unload,
     unmerge_lora,
+    unpatch_peft,
 )
 from .function import LoRALinearFunction, lora_linear
 from .layer import LoRALayer
@@ -29,7 +31,9 @@ __all__ = [
     "lora_linear",
     "merge_and_unload",
     "merge_lora",
+    "patch_peft",
     "save_peft_adapter",
     "unload",
     "unmerge_lora",
+    "unpatch_peft",
 ]

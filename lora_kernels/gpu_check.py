@@ -25,7 +25,8 @@ short keeps what it measured. A stage whose estimated cost would take the run pa
    and 8192, (K, N) in (4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), r 16): each
    decision and each candidate's time.
 5. ``model``: the end-to-end benchmark (``benchmarks/bench_model.py --preset 1b``: a Llama 3.2
-   1B-shaped Llama and MiniLM, bf16, dropout 0 and 0.1), cut after ``MODEL_TIME_CAP_S``.
+   1B-shaped Llama and MiniLM, bf16, dropout 0 and 0.1; ``inject_lora``, peft, peft after
+   ``patch_peft`` and the frozen floor), cut after ``MODEL_TIME_CAP_S``.
 
 Tuning decisions of the run go to ``DIR/tune.json``, never the user's cache. Without a CUDA
 device the command exits 2 (``--dry-run`` prints the stages and their estimated cost, and exits

@@ -24,6 +24,24 @@ def lora_scaling(rank: int, alpha: float | None, use_rslora: bool) -> float:
     return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
 
 
+def lora_forward(
+    base: nn.Module, x: torch.Tensor, lora_A, lora_B, scaling: float, dropout_p: float
+) -> torch.Tensor:
+    """``base(x) + scaling * (dropout(x) A) B`` through :func:`lora_linear`, reading ``base``'s
+    weight and bias without calling it: ``base`` is an ``nn.Linear``, or a bitsandbytes 4-bit
+    ``Linear4bit``, which computes in bitsandbytes' compute dtype and gives ``x``'s back, as
+    ``Linear4bit`` does. ``lora_A`` ``(K, r)`` and ``lora_B`` ``(r, N)`` may be views (peft's
+    transposed weights: their gradients land in the parameters). ``LoRALayer`` and peft's
+    patched layers (``patch_peft``) both run this."""
+    weight, bias = base.weight, base.bias
+    if not quant.is_4bit(weight):
+        return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p)
+    dtype = quant.compute_dtype(base, x)
+    bias = None if bias is None else bias.to(dtype)
+    y = lora_linear(x.to(dtype), weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p)
+    return y.to(x.dtype)
+
+
 class LoRALayer(nn.Module):
     r"""A frozen ``nn.Linear`` plus a trainable low-rank update (LoRA, Hu et al. 2021).
 
@@ -191,20 +209,8 @@ class LoRALayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.linear(x)
-        weight, bias = self.linear.weight, self.linear.bias
         dropout_p = self.dropout if self.training else 0.0
-        if not quant.is_4bit(weight):
-            return lora_linear(
-                x, weight, bias, self.lora_A, self.lora_B, self.scaling, dropout_p=dropout_p
-            )
-        # A 4-bit base computes in bitsandbytes' compute dtype, as Linear4bit does, and gives
-        # x's dtype back.
-        dtype = quant.compute_dtype(self.linear, x)
-        bias = None if bias is None else bias.to(dtype)
-        y = lora_linear(
-            x.to(dtype), weight, bias, self.lora_A, self.lora_B, self.scaling, dropout_p=dropout_p
-        )
-        return y.to(x.dtype)
+        return lora_forward(self.linear, x, self.lora_A, self.lora_B, self.scaling, dropout_p)
 
     def delta_weight(self) -> torch.Tensor:
         """``s * (A B)^T``, the ``(out, in)`` update ``merge`` adds to the weight, computed in
@@ -261,6 +267,16 @@ class LoRALayer(nn.Module):
             raise AttributeError(
                 f"LoRALayer.{name} is read-only: it is the frozen base layer's linear.{name}; "
                 f"assign layer.linear.{name} to change the base layer"
+            )
+        if name == "linear" and any(c.__name__ == "BaseTunerLayer" for c in type(value).__mro__):
+            # peft's get_peft_model (a peft_config given to a Trainer, "all-linear") wrapping the
+            # frozen linear inside: this layer's forward reads its weight and never calls it,
+            # so peft's adapter would never train.
+            raise ValueError(
+                "peft is wrapping the frozen linear inside a lora_kernels LoRALayer, whose "
+                "forward never calls it: its adapter would never train. Keep peft's own LoRA "
+                "layers (no inject_lora / from_peft) and call lora_kernels.patch_peft(model), "
+                "or lora_kernels.patch_peft() before the code that builds the peft model"
             )
         super().__setattr__(name, value)
 

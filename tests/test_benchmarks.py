@@ -166,11 +166,13 @@ def test_bench_model_quick(tmp_path, capsys):
     assert groups == {("llama", 0.0), ("llama", 0.1), ("minilm", 0.0), ("minilm", 0.1)}
     for result in data["results"]:
         rows = {r["provider"]: r for r in result["rows"]}
-        assert set(rows) == {"lora_kernels", "peft", "floor"}
+        assert set(rows) == {"lora_kernels", "peft", "peft_patched", "floor"}
         for r in rows.values():
             assert len(r["losses"]) == 3 and r["median_step_s"] > 0 and r["saved_bytes"] > 0
         assert rows["peft"]["vs_peft"] == 1.0 and rows["floor"]["vs_floor"] == 1.0
         if rows["lora_kernels"]["dropout"] == 0.0:
-            assert result["agreement"]["checked"] and result["agreement"]["within"], result
+            for provider in ("lora_kernels", "peft_patched"):
+                agreement = result["agreement"][provider]
+                assert agreement["checked"] and agreement["within"], result
     out = capsys.readouterr().out
     assert "loss vs peft" in out and "vs floor" in out

@@ -3,6 +3,7 @@ written, offline."""
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import re
 import socket
@@ -27,6 +28,16 @@ def usage_blocks():
 USAGE_BLOCKS = usage_blocks()
 
 
+@pytest.fixture(autouse=True)
+def peft_as_it_was():
+    """A block may call lora_kernels.patch_peft() (the global form): it ends with the block."""
+    yield
+    if importlib.util.find_spec("peft") is not None:
+        import lora_kernels
+
+        lora_kernels.unpatch_peft()
+
+
 def test_readme_has_examples():
     assert README_BLOCKS
 
@@ -49,6 +60,7 @@ def test_usage_covers_the_whole_model_api():
     """A block for each section that has one to show (the list fails if one goes missing)."""
     sections = {slug.rsplit("-", 1)[0] for slug, _ in USAGE_BLOCKS}
     assert sections >= {
+        "peft-in-place-patch_peft",
         "inject-into-a-transformers-or-any-model",
         "modules-trained-in-full-modules_to_save",
         "convert-a-peft-model",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import pickle
 
 import pytest
@@ -72,7 +73,6 @@ def trainable_names(model):
 
 # Each peft call that would see no LoRA layer after the conversion, and the call named instead.
 WRAPPER_CALLS = [
-    ("save_pretrained", ("DIR",), "save_peft_adapter"),
     ("merge_and_unload", (), "lora_kernels.merge_and_unload"),
     ("unload", (), "lora_kernels.unload"),
     ("merge_adapter", (), "merge_lora"),
@@ -102,8 +102,82 @@ def test_peft_wrapper_after_from_peft_refuses_naming_our_call(tmp_path):
         from_peft(peft_model)
     again = pickle.loads(pickle.dumps(peft_model))  # the swapped class survives pickling
     with pytest.raises(RuntimeError, match="converted by lora_kernels.from_peft"):
-        again.save_pretrained(tmp_path / "out")
+        again.merge_adapter()
     assert torch.equal(hidden(again), hidden(model))
+
+
+def converted_classifier():
+    config = peft.LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
+    wrapper = peft.get_peft_model(classifier_model(), config)
+    randomize_trainable(wrapper, ("lora_B",))
+    return wrapper, from_peft(wrapper)
+
+
+def test_the_converted_wrapper_saves_peft_s_adapter(tmp_path):
+    """After from_peft the wrapper's save_pretrained (the Trainer's checkpoints, push_to_hub)
+    writes the converted model's adapter in peft's format, with peft's task_type and
+    base_model_name_or_path: peft and AutoPeftModel load it."""
+    wrapper, model = converted_classifier()
+    wrapper.save_pretrained(tmp_path / "adapter")
+    config = file_config(tmp_path / "adapter")
+    assert config["task_type"] == "SEQ_CLS" and config["base_model_name_or_path"] == MODEL_DIR
+    expected = logits(model.eval())
+    loaded = peft.PeftModel.from_pretrained(classifier_model(), tmp_path / "adapter").eval()
+    assert_close("peft", logits(loaded), expected.double(), TOL)
+    auto = peft.AutoPeftModelForSequenceClassification.from_pretrained(
+        tmp_path / "adapter", num_labels=3
+    ).eval()
+    assert_close("AutoPeftModel", logits(auto), expected.double(), TOL)
+    # The state dict the Trainer passes (the wrapper's own keys), and a shard of one refused.
+    state = wrapper.state_dict()
+    wrapper.save_pretrained(tmp_path / "from_state", state_dict=state)
+    assert file_tensors(tmp_path / "from_state").keys() == file_tensors(tmp_path / "adapter").keys()
+    key = next(k for k in state if k.endswith("query.lora_A"))
+    state[key] = state[key].new_empty(0)  # what a ZeRO-3 partition holds
+    with pytest.raises(ValueError, match=r"has shape \(0,\), not the layer's \(384, 4\)"):
+        wrapper.save_pretrained(tmp_path / "shard", state_dict=state)
+    assert not (tmp_path / "shard").exists()
+    wrapper.save_pretrained(tmp_path / "not_main", is_main_process=False)
+    assert not (tmp_path / "not_main").exists()
+
+
+def test_the_trainer_checkpoints_a_converted_wrapper(tmp_path):
+    """The scenario that lost a run: from_peft keeping the wrapper, the Trainer's first
+    checkpoint. It is peft's adapter now, and peft loads it."""
+    wrapper, model = converted_classifier()
+    gen = torch.Generator().manual_seed(0)
+    data = [
+        {"input_ids": torch.randint(1000, 5000, (16,), generator=gen), "labels": i % 3}
+        for i in range(8)
+    ]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+        save_strategy="steps", save_steps=2, use_cpu=True, report_to=[], disable_tqdm=True,
+    )  # fmt: skip
+    transformers.Trainer(model=wrapper, args=args, train_dataset=data).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {
+        p.name for p in checkpoint.iterdir()
+    }
+    loaded = peft.PeftModel.from_pretrained(classifier_model(), checkpoint).eval()
+    assert_close("checkpoint", logits(loaded), logits(model.eval()).double(), TOL)
+
+
+def test_peft_wrapping_a_lora_layer_s_linear_is_refused():
+    """peft's "all-linear" over an injected model (a peft_config given to a Trainer too) would
+    wrap the frozen linear inside each LoRALayer, whose adapter would never train."""
+    model = inject_lora(small_llama(), "all-linear", rank=4)
+    with pytest.raises(ValueError, match=r"patch_peft"):
+        peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
+
+
+def test_save_peft_adapter_takes_a_task_type_and_a_path(tmp_path):
+    name = MODEL_DIR
+    model = inject_lora(base_model(), ["query", "value"], rank=4)
+    save_peft_adapter(model, tmp_path / "a", pathlib.Path(name), task_type="FEATURE_EXTRACTION")
+    config = file_config(tmp_path / "a")
+    assert config["base_model_name_or_path"] == name
+    assert config["task_type"] == "FEATURE_EXTRACTION"
 
 
 def test_from_peft_on_the_lora_model_inside():

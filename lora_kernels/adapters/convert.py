@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from torch import nn
 
+from .files import save_peft_adapter
 from .inject import adapted
-from .matching import check_nothing_unsaved, mark_to_save, replace_modules, under
-
-
-def _peft_4bit_linears() -> tuple[type, ...]:
-    """peft's LoRA layer over bitsandbytes' ``Linear4bit``, where bitsandbytes is installed."""
-    try:
-        import bitsandbytes  # noqa: F401
-        from peft.tuners.lora.bnb import Linear4bit
-    except ImportError:
-        return ()
-    return (Linear4bit,)
+from .matching import (
+    check_nothing_unsaved,
+    mark_to_save,
+    peft_linear_classes,
+    replace_modules,
+    under,
+)
 
 
 def from_peft(peft_model) -> nn.Module:
@@ -34,18 +31,20 @@ def from_peft(peft_model) -> nn.Module:
     adapter file would not hold such as ``bias="all"``), before changing anything.
 
     The conversion happens in place, inside ``peft_model``: afterwards the peft wrapper still
-    runs the converted model, but its adapter methods (``save_pretrained``,
-    ``merge_and_unload``, ``unload``, ``merge_adapter``, ``disable_adapter``, ...) would not see
+    runs the converted model, and its ``save_pretrained`` (the Trainer's checkpoints,
+    ``push_to_hub``) writes the converted adapter through :func:`save_peft_adapter` with peft's
+    ``task_type`` and ``base_model_name_or_path``; its other adapter methods
+    (``merge_and_unload``, ``unload``, ``merge_adapter``, ``disable_adapter``, ...) would not see
     the ``LoRALayer``s and raise a ``RuntimeError`` naming the lora_kernels function to call
-    instead (:func:`save_peft_adapter`, :func:`merge_and_unload`, ...).
+    instead (:func:`merge_and_unload`, ...). To keep peft's own model instead, see
+    :func:`patch_peft`.
     """
     from peft import PeftModel
-    from peft.tuners.lora.layer import Linear as PeftLinear
     from peft.tuners.lora.layer import LoraLayer as PeftLoraLayer
     from peft.tuners.tuners_utils import BaseTuner
     from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 
-    linears = (PeftLinear, *_peft_4bit_linears())
+    linears = peft_linear_classes()
     # Peel peft's wrappers (PeftModel -> LoraModel -> the model); a model with peft layers
     # injected by hand (peft's inject_adapter_in_model) has none.
     model, wrappers = peft_model, []
@@ -124,10 +123,9 @@ def from_peft(peft_model) -> nn.Module:
 
 
 # What each peft adapter method is after from_peft: its LoRA layers are gone, so peft's own
-# method would write an empty adapter, return the model unmerged, or switch nothing.
+# method would return the model unmerged, or switch nothing. (save_pretrained writes the
+# adapter through save_peft_adapter, and push_to_hub, which calls it, uploads that.)
 _AFTER_FROM_PEFT = {
-    "save_pretrained": "lora_kernels.save_peft_adapter(model, directory)",
-    "push_to_hub": "lora_kernels.save_peft_adapter(model, directory), then upload directory",
     "merge_and_unload": "lora_kernels.merge_and_unload(model)",
     "unload": "lora_kernels.unload(model)",
     "merge_adapter": "lora_kernels.merge_lora(model)",
@@ -145,11 +143,54 @@ _AFTER_FROM_PEFT = {
 
 class _ConvertedPeft:
     """Mixed into a peft wrapper's class by :func:`from_peft` (as FSDP2's ``fully_shard``
-    swaps a module's class): forward is untouched, adapter methods refuse."""
+    swaps a module's class): forward is untouched, ``save_pretrained`` writes the converted
+    model's adapter in peft's format (``_save_pretrained``), the other adapter methods
+    refuse."""
 
     def __reduce_ex__(self, protocol):
         # The class is made at run time, so pickle can't find it by name: rebuild it on load.
         return _new_converted, (type(self).__bases__[1],), self.__dict__.copy()
+
+
+def _save_pretrained(
+    self,
+    save_directory,
+    safe_serialization=True,
+    selected_adapters=None,
+    save_embedding_layers="auto",
+    is_main_process=True,
+    *,
+    state_dict=None,
+    **kwargs,
+):
+    """peft's ``save_pretrained`` (what the Trainer's checkpoints and ``push_to_hub`` call):
+    the converted model's adapter through :func:`save_peft_adapter`, with this wrapper's
+    ``task_type`` and ``base_model_name_or_path``, from ``state_dict`` where one is given (a
+    state dict of this wrapper, as the Trainer passes). Only the main process writes; the
+    file is always safetensors (peft reads it either way)."""
+    adapter = self.active_adapter
+    if selected_adapters is not None and list(selected_adapters) != [adapter]:
+        raise ValueError(
+            f"save_pretrained: the converted model holds the adapter {adapter!r} only, "
+            f"not {selected_adapters}"
+        )
+    if not is_main_process:
+        return
+    model = self.get_base_model()
+    if state_dict is not None:
+        prefix = next(n for n, m in self.named_modules() if m is model)
+        prefix = f"{prefix}." if prefix else ""
+        state_dict = {
+            k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)
+        }
+    config = self.peft_config[adapter]
+    save_peft_adapter(
+        model,
+        save_directory,
+        config.base_model_name_or_path,
+        task_type=config.task_type,
+        state_dict=state_dict,
+    )
 
 
 def _new_converted(cls: type):
@@ -174,5 +215,7 @@ _CONVERTED_CLASSES: dict[type, type] = {}
 def _converted_class(cls: type) -> type:
     if cls not in _CONVERTED_CLASSES:
         methods = {m: _refuse(m, i) for m, i in _AFTER_FROM_PEFT.items() if hasattr(cls, m)}
+        if hasattr(cls, "save_pretrained"):  # PeftModel (LoraModel has none)
+            methods["save_pretrained"] = _save_pretrained
         _CONVERTED_CLASSES[cls] = type(cls.__name__, (_ConvertedPeft, cls), methods)
     return _CONVERTED_CLASSES[cls]

@@ -46,22 +46,50 @@ def _most_common(values):
     return Counter(values).most_common(1)[0][0]
 
 
+def _tensor(state_dict, key: str, live: torch.Tensor) -> torch.Tensor:
+    """``state_dict[key]`` where a state dict is given (it must hold the key), else ``live``."""
+    if state_dict is None:
+        return live
+    if key not in state_dict:
+        raise ValueError(f"save: the state_dict given has no {key!r}")
+    return state_dict[key]
+
+
 def save_peft_adapter(
-    model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None
+    model: nn.Module,
+    directory: str | os.PathLike,
+    base_model_name_or_path: str | os.PathLike | None = None,
+    *,
+    task_type: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write the model's ``LoRALayer`` adapters as a peft LoRA adapter into ``directory``.
 
     ``adapter_model.safetensors`` holds ``base_model.model.<module>.lora_A.weight`` ``(r, in)``
     and ``...lora_B.weight`` ``(out, r)``, and for each module to save (peft's
     ``modules_to_save``) its whole state dict as ``base_model.model.<module>.<key>``, the keys
-    peft writes; ``adapter_config.json`` holds ``peft_type``, ``r``, ``lora_alpha``,
-    ``target_modules``, ``lora_dropout``, ``use_rslora``, ``bias``, ``rank_pattern`` and
-    ``alpha_pattern`` (per-module values where layers differ) and ``modules_to_save``. Written
-    atomically: the files appear together, or the directory is left as it was.
+    peft writes; ``adapter_config.json`` holds ``peft_type``, ``task_type``,
+    ``base_model_name_or_path``, ``r``, ``lora_alpha``, ``target_modules``, ``lora_dropout``,
+    ``use_rslora``, ``bias``, ``rank_pattern`` and ``alpha_pattern`` (per-module values where
+    layers differ) and ``modules_to_save``. Written atomically: the files appear together, or the
+    directory is left as it was.
+
+    Args:
+        model: the model holding the ``LoRALayer`` s.
+        directory: where to write (created if missing; other files in it are kept).
+        base_model_name_or_path: the base model's name or path (a ``str`` or ``os.PathLike``),
+            which ``AutoPeftModel*`` classes load the base from.
+        task_type: peft's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...), which
+            ``AutoPeftModelForCausalLM`` and friends need.
+        state_dict: a state dict of ``model`` (its own keys: ``<module>.lora_A``, ...) whose
+            tensors are written instead of the live parameters, as the Trainer and accelerate
+            pass a gathered one.
 
     Refuses (``ValueError``, nothing written) what the files could not hold: merged layers,
-    layers that differ in ``use_rslora`` or dropout, and any parameter that requires grad but is
-    neither a LoRA adapter nor in a module to save (a save never drops what was trained).
+    layers that differ in ``use_rslora`` or dropout, any parameter that requires grad but is
+    neither a LoRA adapter nor in a module to save (a save never drops what was trained), and
+    any adapter tensor whose shape is not its layer's ``(in, r)`` / ``(r, out)`` (a shard of a
+    partitioned parameter, say).
     """
     from safetensors.torch import save_file
 
@@ -75,12 +103,16 @@ def save_peft_adapter(
     if any(layer.merged for layer in layers.values()):
         merged = [n for n, layer in layers.items() if layer.merged]
         raise ValueError(f"merged layers can't be saved as an adapter: {', '.join(merged)}")
+    if len({layer.dropout for layer in layers.values()}) > 1:
+        raise ValueError("layers have different dropout; peft's config takes one value")
     rank = _most_common([layer.rank for layer in layers.values()])
     alpha = _most_common([_alpha_of(layer) for layer in layers.values()])
     dropout = _most_common([layer.dropout for layer in layers.values()])
+    if base_model_name_or_path is not None:
+        base_model_name_or_path = os.fspath(base_model_name_or_path)
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": rank,
         "lora_alpha": alpha,
@@ -98,14 +130,22 @@ def save_peft_adapter(
         "modules_to_save": sorted(to_save) or None,
         "use_dora": False,
     }
-    if len({layer.dropout for layer in layers.values()}) > 1:
-        raise ValueError("layers have different dropout; peft's config takes one value")
     tensors = {}
     for name, layer in layers.items():
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().t().contiguous().cpu()
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().t().contiguous().cpu()
+        for factor, shape in (("A", (layer.in_features, layer.rank)),
+                              ("B", (layer.rank, layer.out_features))):  # fmt: skip
+            key = f"{name}.lora_{factor}"
+            value = _tensor(state_dict, key, getattr(layer, f"lora_{factor}"))
+            if tuple(value.shape) != shape:
+                raise ValueError(
+                    f"save: {key} has shape {tuple(value.shape)}, not the layer's {shape}: a "
+                    "partitioned parameter's shard (DeepSpeed ZeRO-3, FSDP)? Gather it first, "
+                    "or pass the gathered state_dict="
+                )
+            tensors[f"{KEY_PREFIX}{key}.weight"] = value.detach().t().contiguous().cpu()
     for name, module in to_save.items():
         for key, value in module.state_dict().items():
+            value = _tensor(state_dict, f"{name}.{key}", value)
             # clone: safetensors refuses tensors that share storage (a tied weight, a view)
             tensors[f"{KEY_PREFIX}{name}.{key}"] = value.detach().cpu().clone()
 

@@ -66,6 +66,19 @@ def output_layer_name(model: nn.Module) -> str | None:
     return next((n for n, m in model.named_modules() if m is head), None)
 
 
+def peft_linear_classes() -> tuple[type, ...]:
+    """peft's LoRA layers over an ``nn.Linear`` (``peft.tuners.lora.layer.Linear``) and over
+    bitsandbytes' 4-bit ``Linear4bit`` (where bitsandbytes is installed): the ones we run."""
+    from peft.tuners.lora.layer import Linear
+
+    try:
+        import bitsandbytes  # noqa: F401
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:
+        return (Linear,)
+    return Linear, Linear4bit
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
