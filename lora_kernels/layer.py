@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from . import quant
+from . import engines, quant
 from .function import lora_linear
 from .validation import check_adapter_dtype, check_alpha, check_dropout, check_rank
 
@@ -25,21 +25,47 @@ def lora_scaling(rank: int, alpha: float | None, use_rslora: bool) -> float:
 
 
 def lora_forward(
-    base: nn.Module, x: torch.Tensor, lora_A, lora_B, scaling: float, dropout_p: float
+    base: nn.Module,
+    x: torch.Tensor,
+    lora_A,
+    lora_B,
+    scaling: float,
+    dropout_p: float,
+    owner: nn.Module | None = None,
 ) -> torch.Tensor:
     """``base(x) + scaling * (dropout(x) A) B`` through :func:`lora_linear`, reading ``base``'s
     weight and bias without calling it: ``base`` is an ``nn.Linear``, or a bitsandbytes 4-bit
     ``Linear4bit``, which computes in bitsandbytes' compute dtype and gives ``x``'s back, as
     ``Linear4bit`` does. ``lora_A`` ``(K, r)`` and ``lora_B`` ``(r, N)`` may be views (peft's
     transposed weights: their gradients land in the parameters). ``LoRALayer`` and peft's
-    patched layers (``patch_peft``) both run this."""
+    patched layers (``patch_peft``) both run this.
+
+    ``owner``: the module whose forward this is. Under DeepSpeed ZeRO-3 the base weight and bias
+    are registered as its external parameters (gathered and prefetched with it). A base that is
+    an FSDP unit of its own (FSDP1 or FSDP2) is called (it unshards its weight only in its own
+    forward) and the LoRA term added in plain PyTorch. A base weight still partitioned here
+    raises an error that names the engine."""
+    if engines.fsdp_unit(base):
+        return _lora_over_unit(base, x, lora_A, lora_B, scaling, dropout_p)
     weight, bias = base.weight, base.bias
+    if owner is not None:
+        engines.gather_with(owner, (weight, bias))
     if not quant.is_4bit(weight):
+        engines.check_whole(weight, type(owner or base).__name__)
         return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p)
     dtype = quant.compute_dtype(base, x)
     bias = None if bias is None else bias.to(dtype)
     y = lora_linear(x.to(dtype), weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p)
     return y.to(x.dtype)
+
+
+def _lora_over_unit(base, x, lora_A, lora_B, scaling, dropout_p) -> torch.Tensor:
+    """``base(x) + scaling * (dropout(x) A) B`` for a base that is an FSDP unit: the unit's
+    call unshards its weight (and again for backward), the LoRA term is plain PyTorch (the mask
+    from PyTorch's generator, as ``nn.Dropout`` draws it)."""
+    x_drop = nn.functional.dropout(x, dropout_p) if dropout_p > 0.0 else x
+    lora = (x_drop @ lora_A.to(x.dtype)) @ lora_B.to(x.dtype)
+    return base(x) + lora * scaling
 
 
 class LoRALayer(nn.Module):
@@ -210,7 +236,9 @@ class LoRALayer(nn.Module):
         if self.merged:
             return self.linear(x)
         dropout_p = self.dropout if self.training else 0.0
-        return lora_forward(self.linear, x, self.lora_A, self.lora_B, self.scaling, dropout_p)
+        return lora_forward(
+            self.linear, x, self.lora_A, self.lora_B, self.scaling, dropout_p, owner=self
+        )
 
     def delta_weight(self) -> torch.Tensor:
         """``s * (A B)^T``, the ``(out, in)`` update ``merge`` adds to the weight, computed in

@@ -3,16 +3,11 @@ activation checkpointing, DistributedDataParallel and FSDP2."""
 
 from __future__ import annotations
 
-import datetime
-import faulthandler
 import os
-import sys
-import time
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed import WORLD, gloo, run_workers
 from helpers import assert_close, assert_matches_eager
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -125,13 +120,6 @@ def test_checkpoint_recomputes_the_same_dropout_mask(use_reentrant, backend):
 # --- DDP and FSDP2: 2 processes, gloo, CPU ------------------------------------------------
 
 
-# Both workers normally finish in under 5 s. One fresh-clone CI run (shared 2-core machine, the
-# whole suite 2.2x slower than usual) hit the old 180 s deadline with no output from either
-# worker; the stack dump says where a worker is if that happens again.
-WORKERS_DEADLINE_S = 300
-WORKER_STACK_DUMP_S = 200
-
-
 def _wrap(model, how):
     if how == "ddp":
         return nn.parallel.DistributedDataParallel(model)
@@ -139,24 +127,14 @@ def _wrap(model, how):
 
     for layer in model:  # FSDP2 as torchtune applies it: each layer, then the root
         if isinstance(layer, LoRALayer):
+            if how == "fsdp2_inner":  # the frozen linear inside a unit of its own first
+                fully_shard(layer.linear)
             fully_shard(layer)
     return fully_shard(model)
 
 
-def _dist_worker(rank, world, x, y, out_dir, how):
-    # A worker still running after WORKER_STACK_DUMP_S prints its stack to stderr (which pytest
-    # shows with the failure): a slow machine and a hang then read differently.
-    faulthandler.dump_traceback_later(WORKER_STACK_DUMP_S)
-    # A file rendezvous private to this test run (no port to race for), and a timeout so a lost
-    # peer fails the test instead of hanging it.
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{os.path.join(out_dir, 'rendezvous')}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
+def _dist_worker(rank, world, out_dir, x, y, how):
+    with gloo(rank, world, out_dir):
         model = _wrap(small_model(), how)
         shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
         nn.functional.mse_loss(model(x[shard]), y[shard]).backward()
@@ -164,44 +142,32 @@ def _dist_worker(rank, world, x, y, out_dir, how):
         # FSDP2 keeps each rank's shard of a gradient (a DTensor): gather the whole of it.
         grads = {n: p.grad if p.grad is None or how == "ddp" else p.grad.full_tensor()
                  for n, p in params}  # fmt: skip
-        torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-        faulthandler.cancel_dump_traceback_later()
-    # NOTE: the results are saved; leave without running destructors. Freeing the DDP model can
-    # deadlock in torch's gloo teardown: the Reducer's destructor, holding the GIL, waits for the
-    # process group's work thread, which waits for the GIL to free its last work (seen once here
-    # with torch 2.13: a worker asleep in ~ProcessGroupGloo after its results were written).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        error = None
+        if how == "fsdp2":  # a layer's forward without its unit's hooks: the weight is a shard
+            try:
+                LoRALayer.forward(model[0], x[shard])
+            except RuntimeError as e:
+                error = str(e)
+        torch.save({"grads": grads, "error": error}, os.path.join(out_dir, f"rank{rank}.pt"))
+    return model
 
 
-@pytest.mark.parametrize("how", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("how", ["ddp", "fsdp2", "fsdp2_inner"])
 def test_data_parallel_gradients_equal_full_batch(tmp_path, how):
-    """DistributedDataParallel and FSDP2 (``fully_shard``) over two ranks: each rank's LoRA
-    gradients equal one process's full-batch gradients; frozen weights get none."""
+    """DistributedDataParallel and FSDP2 (``fully_shard``) over two ranks, FSDP2 also with each
+    frozen linear a unit of its own inside its layer's (then called: it unshards only in its own
+    forward): each rank's LoRA gradients equal one process's full-batch gradients; frozen
+    weights get none."""
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(12, 16, generator=gen), torch.randn(12, 8, generator=gen)
-    world = 2
-    context = mp.start_processes(
-        _dist_worker,
-        args=(world, x, y, str(tmp_path), how),
-        nprocs=world,
-        start_method="spawn",
-        join=False,
-    )
-    start = time.monotonic()
-    while not context.join(timeout=5):
-        if time.monotonic() - start > WORKERS_DEADLINE_S:
-            alive = [p.pid for p in context.processes if p.is_alive()]
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{how} workers {alive} did not finish within {WORKERS_DEADLINE_S} s")
+    run_workers(_dist_worker, (x, y, how), tmp_path, how)
     single = small_model()
     nn.functional.mse_loss(single(x), y).backward()
-    for rank in range(world):
-        grads = torch.load(tmp_path / f"rank{rank}.pt")
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        grads = result["grads"]
+        if how == "fsdp2":
+            assert "DTensor" in result["error"], result["error"]
         assert grads.keys() == dict(single.named_parameters()).keys()
         for name, p in single.named_parameters():
             if p.requires_grad:  # both average the shards' mean losses: the full-batch mean

@@ -240,6 +240,11 @@ def test_dropout_checkpointing_and_compile():
 
 
 @pytest.mark.inductor
+@pytest.mark.skipif(
+    not hasattr(torch.compiler, "is_exporting"),
+    reason="transformers' Llama calls torch.compiler.is_exporting under torch.compile, which "
+    "this torch (before 2.7) lacks: a gap between transformers and this torch, not ours",
+)
 def test_compile_a_patched_model():
     ours = peft_model()
     patch_peft(ours)

@@ -174,8 +174,6 @@ def _save_pretrained(
             f"save_pretrained: the converted model holds the adapter {adapter!r} only, "
             f"not {selected_adapters}"
         )
-    if not is_main_process:
-        return
     model = self.get_base_model()
     if state_dict is not None:
         prefix = next(n for n, m in self.named_modules() if m is model)
@@ -190,6 +188,7 @@ def _save_pretrained(
         config.base_model_name_or_path,
         task_type=config.task_type,
         state_dict=state_dict,
+        is_main_process=is_main_process,  # (every rank gathers a partitioned model)
     )
 
 

@@ -15,6 +15,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from .. import engines
 from ..layer import LoRALayer
 from ..validation import check_adapter_dtype
 from .inject import adapted
@@ -62,6 +63,7 @@ def save_peft_adapter(
     *,
     task_type: str | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    is_main_process: bool | None = None,
 ) -> None:
     """Write the model's ``LoRALayer`` adapters as a peft LoRA adapter into ``directory``.
 
@@ -74,6 +76,12 @@ def save_peft_adapter(
     layers differ) and ``modules_to_save``. Written atomically: the files appear together, or the
     directory is left as it was.
 
+    Sharded models save whole: parameters partitioned by DeepSpeed ZeRO-3 are gathered
+    (``deepspeed.zero.GatheredParameters``), FSDP1 units' through ``summon_full_params`` and
+    FSDP2's ``DTensor`` s through ``full_tensor()``; module names are written without FSDP1's
+    and activation checkpointing's wrapper parts. Gathering is a collective: **call it on every
+    rank**; only the main process writes.
+
     Args:
         model: the model holding the ``LoRALayer`` s.
         directory: where to write (created if missing; other files in it are kept).
@@ -84,19 +92,31 @@ def save_peft_adapter(
         state_dict: a state dict of ``model`` (its own keys: ``<module>.lora_A``, ...) whose
             tensors are written instead of the live parameters, as the Trainer and accelerate
             pass a gathered one.
+        is_main_process: whether this process writes the files (peft's argument). ``None``:
+            rank 0 of ``torch.distributed`` when it is initialized, else ``True``.
 
     Refuses (``ValueError``, nothing written) what the files could not hold: merged layers,
     layers that differ in ``use_rslora`` or dropout, any parameter that requires grad but is
     neither a LoRA adapter nor in a module to save (a save never drops what was trained), and
-    any adapter tensor whose shape is not its layer's ``(in, r)`` / ``(r, out)`` (a shard of a
-    partitioned parameter, say).
+    any adapter tensor whose shape is not its layer's ``(in, r)`` / ``(r, out)`` (a shard that
+    could not be gathered, say).
     """
-    from safetensors.torch import save_file
+    if is_main_process is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        is_main_process = not distributed or torch.distributed.get_rank() == 0
+    with engines.gathered(model, trained_parameters(model)):
+        config, tensors = _adapter_files(model, base_model_name_or_path, task_type, state_dict)
+    if is_main_process:
+        _write_adapter(config, tensors, directory)
 
-    layers = lora_layers(model)
+
+def _adapter_files(model, base_model_name_or_path, task_type, state_dict):
+    """``(config, tensors)`` of ``save_peft_adapter``, read from a model whose parameters are
+    whole (gathered)."""
+    layers = {engines.clean_name(n): layer for n, layer in lora_layers(model).items()}
     if not layers:
         raise ValueError("the model has no LoRALayer to save")
-    to_save = modules_to_save_in(model)
+    to_save = {engines.clean_name(n): m for n, m in modules_to_save_in(model).items()}
     check_nothing_unsaved(model.named_parameters(), trained_parameters(model), "save")
     if len({layer.use_rslora for layer in layers.values()}) > 1:
         raise ValueError("layers mix use_rslora True and False; peft's config takes one value")
@@ -135,19 +155,25 @@ def save_peft_adapter(
         for factor, shape in (("A", (layer.in_features, layer.rank)),
                               ("B", (layer.rank, layer.out_features))):  # fmt: skip
             key = f"{name}.lora_{factor}"
-            value = _tensor(state_dict, key, getattr(layer, f"lora_{factor}"))
+            value = engines.whole(_tensor(state_dict, key, getattr(layer, f"lora_{factor}")))
             if tuple(value.shape) != shape:
                 raise ValueError(
                     f"save: {key} has shape {tuple(value.shape)}, not the layer's {shape}: a "
-                    "partitioned parameter's shard (DeepSpeed ZeRO-3, FSDP)? Gather it first, "
-                    "or pass the gathered state_dict="
+                    "partitioned parameter's shard (DeepSpeed ZeRO-3, FSDP) that was not "
+                    "gathered? Call save_peft_adapter on every rank, or pass the gathered "
+                    "state_dict="
                 )
             tensors[f"{KEY_PREFIX}{key}.weight"] = value.detach().t().contiguous().cpu()
     for name, module in to_save.items():
         for key, value in module.state_dict().items():
-            value = _tensor(state_dict, f"{name}.{key}", value)
+            value = engines.whole(_tensor(state_dict, f"{name}.{engines.clean_name(key)}", value))
             # clone: safetensors refuses tensors that share storage (a tied weight, a view)
-            tensors[f"{KEY_PREFIX}{name}.{key}"] = value.detach().cpu().clone()
+            tensors[f"{KEY_PREFIX}{name}.{engines.clean_name(key)}"] = value.detach().cpu().clone()
+    return config, tensors
+
+
+def _write_adapter(config: dict, tensors: dict, directory) -> None:
+    from safetensors.torch import save_file
 
     directory = os.fspath(directory)
     parent = os.path.dirname(os.path.abspath(directory))

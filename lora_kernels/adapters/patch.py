@@ -30,7 +30,7 @@ import logging
 import torch
 from torch import nn
 
-from .. import quant
+from .. import engines, quant
 from ..layer import lora_forward
 from ..validation import SUPPORTED_DTYPES
 from .matching import peft_linear_classes
@@ -86,13 +86,15 @@ def _remember(cls: type) -> None:
 
 def _has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` would run a hook (a forward hook, a pre-hook, a backward
-    hook), which a fused call, reading its weight without calling it, would skip."""
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
+    hook) that a fused call, reading its weight without calling it, must not skip: any but
+    DeepSpeed ZeRO-3's, which only gather and release (``engines.engine_hook``)."""
+    hooks = (
+        module._forward_hooks,
+        module._forward_pre_hooks,
+        module._backward_hooks,
+        module._backward_pre_hooks,
     )
+    return any(not engines.engine_hook(h) for found in hooks for h in found.values())
 
 
 def _global_hooks() -> bool:
@@ -139,6 +141,8 @@ def fallback_reason(layer: nn.Module, x=None, args=(), kwargs=None) -> str | Non
     if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out=True (a Conv1D base)"
     base = layer.base_layer  # (a nested adapter layer is neither kind below)
+    if engines.fsdp_unit(base):
+        return "base layer is an FSDP unit of its own (peft's forward calls it: it unshards)"
     four_bit = quant.is_4bit(getattr(base, "weight", None))
     if not (_plain_linear(base) or (four_bit and type(base).__name__ == "Linear4bit")):
         return f"base layer {type(base).__name__} (neither nn.Linear nor a 4-bit Linear4bit)"
@@ -151,7 +155,7 @@ def fallback_reason(layer: nn.Module, x=None, args=(), kwargs=None) -> str | Non
     if type(dropout) not in (nn.Dropout, nn.Identity):
         return f"lora_dropout {type(dropout).__name__}"
     if any(_has_hooks(m) for m in (base, lora_A, lora_B, dropout)) or _global_hooks():
-        return "hooks on the base layer or the adapters (e.g. accelerate's offload, DeepSpeed)"
+        return "hooks on the base layer or the adapters (e.g. accelerate's offload)"
     if x is None:
         return None
     if not isinstance(x, torch.Tensor) or x.dtype not in SUPPORTED_DTYPES:
@@ -187,8 +191,9 @@ def _forward(layer, x, *args, **kwargs):
     dropout = layer.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    engines.gather_with(layer, (lora_A, lora_B))  # (the base's: lora_forward)
     scaling = float(layer.scaling[adapter])
-    return lora_forward(layer.base_layer, x, lora_A.t(), lora_B.t(), scaling, p)
+    return lora_forward(layer.base_layer, x, lora_A.t(), lora_B.t(), scaling, p, owner=layer)
 
 
 class PatchedLoRA:
