@@ -115,11 +115,12 @@ class LoRALinearFunction(torch.autograd.Function):
 
         packed = weight if quant.is_4bit(weight) else None  # a parameter: read per use, not kept
         n_out, k_in = quant.shape(weight) if packed is not None else weight.shape
-        # reshape, not view: a copy only where x's strides can't be flattened.
-        x2 = x.reshape(-1, k_in)
+        # reshape, not view: a copy only where x's strides can't be flattened. The rows are
+        # counted, not -1: x may have no elements (K = 0), as nn.Linear takes.
+        x2 = x.reshape(_rows(x.shape), k_in)
         _, need_w, _, need_a, need_lb = ctx.needs_input_grad[:5]
         plan, strategy = None, None
-        if backend == "triton":
+        if backend == "triton" and k_in > 0 and n_out > 0:  # (K or N = 0: nothing to launch)
             key = (x2.device, x2.dtype, x2.shape[0], k_in, n_out, lora_A.shape[1], dropout)
             auto, four_bit = requested == "auto", packed is not None
             plan, strategy = tune.dispatch(*key, auto=auto, four_bit=four_bit)
@@ -166,8 +167,9 @@ class LoRALinearFunction(torch.autograd.Function):
                     strategy = "buffer"  # double backward differentiates through a tensor
                 weight = base_operand(ctx.packed, dy.dtype, strategy)
         k_in, n_out = ctx.x_shape[-1], dy.shape[-1]
-        dy2 = dy.reshape(-1, n_out)
-        x2 = None if x is None else x.reshape(-1, k_in)
+        m = _rows(ctx.x_shape)
+        dy2 = dy.reshape(m, n_out)
+        x2 = None if x is None else x.reshape(m, k_in)
         args = (dy2, x2, weight, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, ctx.seed)
         needs = tuple(ctx.needs_input_grad[:5])
         if torch.is_grad_enabled():  # backward(create_graph=True): gradients to differentiate
@@ -185,6 +187,14 @@ class LoRALinearFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)
         return dx, dw, db, da, dlb, None, None, None, None
+
+
+def _rows(shape) -> int:
+    """The rows of ``x`` flattened to 2-D: the product of its leading sizes."""
+    rows = 1
+    for size in shape[:-1]:
+        rows = rows * size
+    return rows
 
 
 def _check_double_backward(ctx, x_dropped: bool) -> None:

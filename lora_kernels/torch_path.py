@@ -71,7 +71,12 @@ def forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, s
     else:
         S = x @ lora_A
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-    y.addmm_(S, lora_B, alpha=scaling)
+    if scaling == 0.0:
+        # NOTE: BLAS skips the product at alpha 0, so a NaN or inf in S B would vanish; the
+        # math (and the reference, and the kernels) give 0 * NaN = NaN.
+        y.add_(S @ lora_B, alpha=0.0)
+    else:
+        y.addmm_(S, lora_B, alpha=scaling)
     return y, S
 
 

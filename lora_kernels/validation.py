@@ -7,6 +7,7 @@ Each error names what is wrong with the sizes, dtypes or devices involved.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -153,6 +154,8 @@ def validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend:
             )
 
     _check_real("scaling", scaling)
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling}")
     _check_real("dropout_p", dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
@@ -194,6 +197,9 @@ def check_adapter_dtype(adapter_dtype: object) -> torch.dtype | None:
 
 
 def check_alpha(alpha: object) -> None:
-    """``TypeError`` unless ``alpha`` is ``None`` or a real number."""
+    """``TypeError`` unless ``alpha`` is ``None`` or a real number; ``ValueError`` if it is not
+    finite (a NaN scaling is no scaling: BLAS treats ``alpha=nan`` as 1 on some shapes)."""
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)):
         raise TypeError(f"alpha must be a real number or None, got {type(alpha).__name__}")
+    if alpha is not None and not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}")

@@ -22,12 +22,14 @@ from .inject import adapted
 from .matching import (
     check_nothing_unsaved,
     freeze_all_but_trained,
+    frozen_back_on_error,
     lora_layers,
     mark_to_save,
     matches,
     modules_to_save_in,
     overlaps,
     pattern_value,
+    read_directly,
     replace_modules,
     trained_parameters,
     under,
@@ -190,16 +192,35 @@ def _write_adapter(config: dict, tensors: dict, directory) -> None:
 
 def _replace_directory(staging: str, directory: str) -> None:
     """Move ``staging``'s files into ``directory`` so they appear together: a fresh directory
-    is renamed in one step; an existing one keeps its other files and gets ours by rename."""
+    is renamed in one step; an existing one keeps its other files and gets ours by rename.
+    What can be checked is checked before anything moves; if a rename fails, the files already
+    moved are taken back and the old ones restored: the directory is left as it was."""
     if not os.path.exists(directory):
         os.rename(staging, directory)
         return
     if not os.path.isdir(directory):
-        raise NotADirectoryError(f"{directory} exists and is not a directory")
-    # NOTE: both files are renamed into place only after both were written; a crash between the
-    # two renames is the one window, narrower than any write.
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-        os.replace(os.path.join(staging, name), os.path.join(directory, name))
+        raise NotADirectoryError(f"{directory} exists and is not a directory; nothing written")
+    names = (WEIGHTS_NAME, CONFIG_NAME)
+    for name in names:
+        dest = os.path.join(directory, name)
+        if os.path.lexists(dest) and not os.path.isfile(dest):
+            raise IsADirectoryError(f"{dest} exists and is not a file; nothing written")
+    moved, backups = [], []
+    try:
+        for name in names:
+            src, dest = os.path.join(staging, name), os.path.join(directory, name)
+            if os.path.lexists(dest):
+                backup = os.path.join(staging, name + ".old")
+                os.replace(dest, backup)
+                backups.append((backup, dest))
+            os.replace(src, dest)
+            moved.append(dest)
+    except BaseException:
+        for dest in moved:
+            os.remove(dest)
+        for backup, dest in backups:
+            os.replace(backup, dest)
+        raise
 
 
 def _read_adapter(directory: str):
@@ -238,14 +259,47 @@ def _read_adapter(directory: str):
     saved = config.get("modules_to_save") or []
     if not isinstance(saved, list) or not all(isinstance(n, str) for n in saved):
         raise ValueError(f"{config_path}: modules_to_save must be a list of module names")
-    for field in ("r", "lora_alpha"):
-        if not isinstance(config.get(field), (int, float)) or isinstance(config.get(field), bool):
-            raise ValueError(f"{config_path}: {field} must be a number, got {config.get(field)!r}")
+    _check_config(config, config_path)
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from e
     return config, tensors, config_path, weights_path
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_config(config: dict, config_path: str) -> None:
+    """The config's fields we read, strictly: ``ValueError`` naming the file and the field."""
+
+    def bad(field, value, want):
+        raise ValueError(f"{config_path}: {field} must be {want}, got {value!r}")
+
+    r = config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        bad("r", r, "a positive int")
+    alpha = config.get("lora_alpha")
+    if not _number(alpha) or not math.isfinite(alpha):
+        bad("lora_alpha", alpha, "a finite number")
+    dropout = config.get("lora_dropout", 0.0)
+    if not _number(dropout) or not 0.0 <= dropout < 1.0:
+        bad("lora_dropout", dropout, "a number in [0, 1)")
+    rslora = config.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        bad("use_rslora", rslora, "true or false")
+    for field, ok, want in (
+        ("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+         "a positive int"),
+        ("alpha_pattern", lambda v: _number(v) and math.isfinite(v), "a finite number"),
+    ):  # fmt: skip
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict):
+            bad(field, patterns, "an object of module-name patterns")
+        for key, value in patterns.items():
+            if not ok(value):
+                bad(f"{field}[{key!r}]", value, want)
 
 
 def load_peft_adapter(
@@ -312,7 +366,7 @@ def load_peft_adapter(
     dropout = float(config.get("lora_dropout", 0.0))
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
-    checked = []
+    checked, direct = [], read_directly(model)
     for name, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             missing = ({"A", "B"} - set(ab)).pop()
@@ -329,6 +383,8 @@ def load_peft_adapter(
             raise ValueError(
                 f"{weights_path}: {name} is a {type(module).__name__}, not an nn.Linear"
             )
+        if name in direct:
+            raise ValueError(f"{weights_path}: {name}: {direct[name]}: LoRA there would never run")
         A, B = ab["A"], ab["B"]
         r = A.shape[0] if A.dim() == 2 else -1
         if A.shape != (r, module.in_features) or B.shape != (module.out_features, r):
@@ -345,10 +401,11 @@ def load_peft_adapter(
         checked.append((name, module, A, B, alpha))
 
     kwargs = {"use_rslora": use_rslora, "adapter_dtype": adapter_dtype}
-    new = {
-        name: adapted(module, A, B, alpha=alpha, dropout=dropout, **kwargs)
-        for name, module, A, B, alpha in checked
-    }
+    with frozen_back_on_error(model):  # (a base refused half-way: nothing stays frozen)
+        new = {
+            name: adapted(module, A, B, alpha=alpha, dropout=dropout, **kwargs)
+            for name, module, A, B, alpha in checked
+        }
     replace_modules(model, new)
     for name, state in to_save.items():
         model.get_submodule(name).load_state_dict(state)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -10,12 +12,15 @@ from ..validation import check_adapter_dtype
 from .matching import (
     ALL_LINEAR,
     freeze_all_but_trained,
+    frozen_back_on_error,
     linear_names,
     lora_layers,
     mark_to_save,
     matches,
     modules_to_save_in,
+    other_names,
     output_layer_name,
+    read_directly,
     replace_modules,
     resolve_modules_to_save,
     under,
@@ -77,6 +82,12 @@ def inject_lora(
                 f"target_modules must be a str or a list of str, got {target_modules!r}"
             )
         targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+        if not isinstance(targets, str) and not all(isinstance(t, str) for t in targets):
+            wrong = next(t for t in targets if not isinstance(t, str))
+            raise TypeError(
+                f"target_modules entries must be module names (str), got {wrong!r} "
+                f"({type(wrong).__name__})"
+            )
         matched = [n for n, _ in model.named_modules() if n and matches(n, targets)]
         has_lora = sorted({under(n, existing) for n in matched} - {None})
         if has_lora:
@@ -95,25 +106,50 @@ def inject_lora(
             kinds = ", ".join(f"{n} ({type(model.get_submodule(n)).__name__})" for n in not_linear)
             raise ValueError(f"target_modules matched modules that are not nn.Linear: {kinds}")
         names = matched
+    direct = read_directly(model)
+    if target_modules == ALL_LINEAR:
+        skipped = [n for n in names if n in direct]
+        if skipped:
+            warnings.warn(
+                "inject_lora('all-linear') leaves out linear layers whose parent reads their "
+                f"weight itself (LoRA there would never run): {', '.join(skipped)}",
+                stacklevel=2,
+            )
+        names = [n for n in names if n not in direct]
+    refused = [f"{n}: {direct[n]}" for n in names if n in direct]
+    if refused:
+        raise ValueError(
+            "target_modules matched linear layers whose parent reads their weight itself, so "
+            f"LoRA there would never run: {'; '.join(refused)}"
+        )
+    twice = other_names(model, names)
+    if twice:
+        shown = "; ".join(f"{n} (also {', '.join(o)})" for n, o in twice.items())
+        raise ValueError(
+            "target_modules matched a linear layer reachable under more than one name, which "
+            f"LoRA would replace under one name only: {shown}"
+        )
     if not names:
         raise ValueError(
             f"target_modules={target_modules!r} matched no nn.Linear; the model's linear layers "
             f"without LoRA are: {', '.join(linears) or '(none)'}"
             + (f" ({len(existing)} layers already have LoRA)" if existing else "")
         )
-    # Build every layer first: a bad rank / alpha / dropout raises before the model changes.
-    new = {
-        name: LoRALayer.from_linear(
-            model.get_submodule(name),
-            rank=rank,
-            alpha=alpha,
-            dropout=dropout,
-            init=init,
-            use_rslora=use_rslora,
-            adapter_dtype=adapter_dtype,
-        )
-        for name in names
-    }
+    # Build every layer first: a bad rank / alpha / dropout or base raises before the model
+    # changes (the bases frozen on the way get their requires_grad back).
+    with frozen_back_on_error(model):
+        new = {
+            name: LoRALayer.from_linear(
+                model.get_submodule(name),
+                rank=rank,
+                alpha=alpha,
+                dropout=dropout,
+                init=init,
+                use_rslora=use_rslora,
+                adapter_dtype=adapter_dtype,
+            )
+            for name in names
+        }
     replace_modules(model, new)
     mark_to_save(model, to_save)
     freeze_all_but_trained(model)

@@ -9,6 +9,7 @@ keys stay the base model's.
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 from torch import nn
@@ -55,6 +56,40 @@ def linear_names(model: nn.Module, exclude=()) -> list[str]:
         for n, m in model.named_modules()
         if isinstance(m, nn.Linear) and n and under(n, exclude) is None
     ]
+
+
+def read_directly(model: nn.Module) -> dict[str, str]:
+    """``{name: why}``: the linear layers whose parent reads their weight itself instead of
+    calling them, so that a ``LoRALayer`` in their place would be skipped (its adapters never
+    used, never trained)."""
+    found = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, nn.MultiheadAttention):
+            found[prefix + "out_proj"] = (
+                "nn.MultiheadAttention reads out_proj.weight itself (in F.multi_head_attention_"
+                "forward)"
+            )
+        if isinstance(module, nn.TransformerEncoderLayer):
+            for child in ("linear1", "linear2"):
+                found[prefix + child] = (
+                    f"nn.TransformerEncoderLayer's eval fast path reads {child}.weight itself"
+                )
+    return found
+
+
+def other_names(model: nn.Module, names) -> dict[str, list[str]]:
+    """``{name: [its other names]}`` for the modules of ``names`` reachable under more than one
+    name (the same module assigned twice)."""
+    all_names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        all_names.setdefault(id(module), []).append(name)
+    found = {}
+    for name in names:
+        others = [n for n in all_names[id(model.get_submodule(name))] if n != name]
+        if others:
+            found[name] = others
+    return found
 
 
 def output_layer_name(model: nn.Module) -> str | None:
@@ -119,6 +154,20 @@ def trained_parameters(model: nn.Module) -> set[int]:
     ids = {id(p) for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
     ids.update(id(p) for m in modules_to_save_in(model).values() for p in m.parameters())
     return ids
+
+
+@contextlib.contextmanager
+def frozen_back_on_error(model: nn.Module):
+    """Inside, building ``LoRALayer`` s freezes each base linear as it goes; if anything raises,
+    every parameter of ``model`` gets its ``requires_grad`` back (a refused call changes
+    nothing)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        raise
 
 
 def freeze_all_but_trained(model: nn.Module) -> None:
