@@ -111,6 +111,8 @@ def keep_mask(
 def _keep_mask_op(
     seed: torch.Tensor, rows: int, cols: int, p: float, device: torch.device
 ) -> torch.Tensor:
+    if device.type == "meta":  # shapes only, as nn.Linear on meta tensors
+        return torch.empty((rows, cols), dtype=torch.bool, device=device)
     n, seed, threshold = rows * cols, int(seed), keep_threshold(p)
     if device.type == "cpu":
         keep = torch.ones(n, dtype=torch.bool)

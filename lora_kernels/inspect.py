@@ -367,7 +367,15 @@ def main(argv: list[str] | None = None) -> int:
         args.base,
     )
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
-    return 0
+    over = [r for r in rows if r["shared_bytes"] > r["shared_limit"]]
+    for r in over:
+        print(
+            f"inspect: {r['kernel']} for {r['arch']} at rank {r['rank']} ({r['dtype']}, dropout "
+            f"{r['dropout']}) needs {r['shared_bytes']} B of shared memory, over the GPU's "
+            f"{r['shared_limit']}",
+            file=sys.stderr,
+        )
+    return 1 if over else 0
 
 
 if __name__ == "__main__":

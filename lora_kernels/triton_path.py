@@ -278,7 +278,8 @@ def backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, 
     if need_w:
         dw = dy.t() @ x
     if need_b:
-        db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+        # (16-bit sums accumulate in float32; float32 and float64 in their own precision)
+        db = dy.sum(0, dtype=torch.promote_types(dy.dtype, torch.float32)).to(dy.dtype)
     return dx, dw, db, da, dlb
 
 

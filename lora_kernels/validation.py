@@ -26,6 +26,13 @@ AUTO_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SEED_LIMIT = 2**31
 
 
+# The highest rank the kernels take: every build up to it fits each GPU's shared memory, every
+# build above it (padded to 256) does not on some (`python -m lora_kernels.inspect --rank 128
+# --rank 256`, bfloat16: at 128 at most 85% of a limit; at 256 up to 327,776 B of sm_90's
+# 232,448 and 196,608 of sm_80's 166,912). backend="auto" runs higher ranks on the torch path.
+KERNEL_MAX_RANK = 128
+
+
 def resolve_backend(x: torch.Tensor, backend: str = "auto") -> str:
     """The backend a call with input ``x`` runs on: ``"triton"`` or ``"torch"``.
 
@@ -154,7 +161,9 @@ def validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend:
             )
 
     _check_real("scaling", scaling)
-    if not math.isfinite(scaling):
+    # NOTE: comparisons, not math.isfinite: torch.compile traces them on a symbolic scaling
+    # (False for NaN too).
+    if not -math.inf < scaling < math.inf:
         raise ValueError(f"scaling must be finite, got {scaling}")
     _check_real("dropout_p", dropout_p)
     if not 0.0 <= dropout_p < 1.0:
@@ -164,7 +173,17 @@ def validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend:
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
         if not 0 <= seed < SEED_LIMIT:
             raise ValueError(f"seed must be in [0, 2**31), got {seed}")
-    return resolve_backend(x, backend)
+    resolved = resolve_backend(x, backend)
+    rank = lora_A.shape[1]
+    if resolved == "triton" and rank > KERNEL_MAX_RANK:
+        if backend == "triton":
+            raise ValueError(
+                f"backend='triton': rank {rank} is over the kernels' limit of "
+                f"{KERNEL_MAX_RANK} (their builds for higher ranks need more shared memory "
+                "than a GPU has); backend='auto' runs it on the torch path"
+            )
+        return "torch"
+    return resolved
 
 
 # --- the layer's arguments ----------------------------------------------------------------------

@@ -190,3 +190,22 @@ def test_no_spills_4bit():
     spilling = [(r["kernel"], r["arch"], r["rank"], r["dropout"], r["spills"]) for r in rows
                 if r["spills"]]  # fmt: skip
     assert not spilling
+
+
+def test_high_ranks_builds_over_shared_memory_fail_and_run_on_the_torch_path():
+    """Ranks 256 and 512 (bfloat16, sm_80 and sm_90) need more shared memory than the GPUs have:
+    inspect reports them as failures, naming kernel, arch, rank and both sizes; the layer's
+    ``backend="auto"`` never launches them (``validation.KERNEL_MAX_RANK``)."""
+    from lora_kernels.validation import KERNEL_MAX_RANK
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "lora_kernels.inspect", "--json", "--dtype", "bfloat16"]
+    cmd += ["--arch", "sm_80", "--arch", "sm_90", "--rank", "256", "--rank", "512"]
+    cmd += ["--dropout", "0"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 1, out.stderr
+    rows = json.loads(out.stdout)
+    over = {(r["arch"], r["rank"]) for r in rows if r["shared_bytes"] > r["shared_limit"]}
+    assert over == {("sm_80", 256), ("sm_80", 512), ("sm_90", 256), ("sm_90", 512)}
+    assert "over the GPU's 232448" in out.stderr and "rank 512" in out.stderr
+    assert KERNEL_MAX_RANK < 256

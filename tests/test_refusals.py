@@ -22,6 +22,7 @@ from lora_kernels import (
     merge_and_unload,
     merge_lora,
     save_peft_adapter,
+    unload,
 )
 from lora_kernels.reference import lora_linear_reference
 
@@ -249,3 +250,102 @@ def test_empty_dimensions_compute_what_nn_linear_computes(k, n, backend):
     assert torch.equal(y, layer.linear(x))
     y.sum().backward()
     assert x.grad.shape == x.shape and torch.equal(x.grad, torch.zeros_like(x))
+
+
+# --- our own save, our own load -----------------------------------------------------------------
+
+
+def nested():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(8, 8), nn.GELU(), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    )
+
+
+def test_patterns_round_trip_when_one_name_ends_another(tmp_path):
+    """A top-level ``0`` (rank 8) beside nested ``2.0`` and ``2.1`` (rank 4, the config's ``r``):
+    the ``rank_pattern`` key for ``0`` must not match ``2.0`` under peft's suffix rule; both our
+    loader and peft's read the save."""
+    peft = pytest.importorskip("peft")
+    model = inject_lora(nested(), "0", rank=8, alpha=16, init="seed")
+    inject_lora(model, r"2\.[01]", rank=4, alpha=2, init="seed")
+    save_peft_adapter(model, tmp_path)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        want = model(x)
+        ours = load_peft_adapter(nested(), tmp_path)
+        assert ours[0].rank == 8 and ours[2][0].rank == ours[2][1].rank == 4
+        assert_close("our load", ours(x), want.double(), 1e-6)
+        theirs = peft.PeftModel.from_pretrained(nested(), str(tmp_path))
+        assert_close("peft's load", theirs(x), want.double(), 1e-6)
+
+
+@pytest.mark.parametrize("unload_fn", [merge_and_unload, unload])
+def test_a_bare_layer_unloads_to_its_linear(unload_fn):
+    layer = LoRALayer(8, 4, rank=2, init="seed")
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = layer(x) if unload_fn is merge_and_unload else layer.linear(x)
+        linear = unload_fn(layer)
+        assert type(linear) is nn.Linear and dict(linear.named_children()) == {}
+        assert_close("unloaded", linear(x), want.double(), 1e-6)
+
+
+def test_saving_a_bare_layer_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="bare LoRALayer"):
+        save_peft_adapter(LoRALayer(8, 4, rank=2), tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_meta_tensors_flow_through_shapes_only(dropout):
+    """As nn.Linear on the meta device (how large models are built before loading weights)."""
+    layer = LoRALayer(8, 4, rank=2, dropout=dropout, device="meta")
+    x = torch.empty(2, 3, 8, device="meta", requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 3, 4) and y.device.type == "meta"
+    y.sum().backward()
+    assert x.grad.shape == x.shape and layer.lora_A.grad.shape == (8, 2)
+
+
+# --- ranks the kernels cannot hold --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [129, 256])
+def test_ranks_over_the_kernels_limit(monkeypatch, rank):
+    """``backend="triton"`` names the rank and the limit before any kernel; ``"auto"`` (here
+    made to take the kernels on CPU, the interpreter standing in for the GPU) runs the torch
+    path, against the float64 reference."""
+    from lora_kernels import torch_path, validation
+
+    gen = torch.Generator().manual_seed(rank)
+    x, W = torch.randn(5, 16, generator=gen), torch.randn(8, 16, generator=gen)
+    A, B = torch.randn(16, rank, generator=gen), torch.randn(rank, 8, generator=gen)
+    with pytest.raises(ValueError, match=f"rank {rank} is over the kernels' limit of 128"):
+        lora_linear(x, W, None, A, B, backend="triton")
+    monkeypatch.setattr(validation, "AUTO_TRITON_DEVICE_TYPES", ("cuda", "cpu"))
+    ran = []
+    real = torch_path.forward
+    monkeypatch.setattr(torch_path, "forward", lambda *a: ran.append(1) or real(*a))
+    y = lora_linear(x, W, None, A, B, scaling=0.5)
+    ref = lora_linear_reference(x.double(), W.double(), None, A.double(), B.double(), 0.5)
+    assert ran and ref.shape == y.shape
+    assert_close("y", y, ref, 1e-5)
+
+
+# --- smaller numerical points -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_float64_bias_gradient_keeps_float64_precision(backend):
+    """An unfrozen bias's gradient in float64 sums in float64 (it was summed in float32 on the
+    Triton path: 1e-7 off)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 16, generator=gen, dtype=torch.float64)
+    W, b = torch.randn(8, 16, generator=gen, dtype=torch.float64), torch.randn(8, dtype=x.dtype)
+    A = torch.randn(16, 4, generator=gen, dtype=x.dtype)
+    B = torch.randn(4, 8, generator=gen, dtype=x.dtype)
+    dy = torch.randn(300, 8, generator=gen, dtype=x.dtype) * 1e3 + 1e4
+    b.requires_grad_(True)
+    lora_linear(x, W, b, A, B, scaling=0.5, backend=backend).backward(dy)
+    assert_close("db", b.grad, dy.sum(0), 1e-12)

@@ -248,8 +248,9 @@ def test_a_failing_candidate_is_skipped(monkeypatch):
         ('{"version": 1, "lora_kernels": "0.0.1", "decisions": {}}', r"\(1, '0.0.1'\)"),
         (
             '{"version": 1, "lora_kernels": "0.1.0", "decisions": {"k": {"provider": "cuda"}}}',
-            "no valid 'decisions'",
+            "1 malformed decisions.*: k",
         ),
+        ('{"version": 1, "lora_kernels": "0.1.0", "decisions": []}', "no valid 'decisions'"),
         ("[1, 2]", "not a JSON object"),
     ],
 )
@@ -260,6 +261,18 @@ def test_a_bad_cache_is_ignored_with_one_warning(fresh_cache, content, words, au
         assert tune.decisions() == {}
         layer = LoRALayer(32, 48, rank=4)
         layer(torch.randn(8, 32))  # the layer runs on: the tables
+    assert len(record) == 1
+
+
+def test_a_triton_decision_without_its_plan_costs_one_warning(fresh_cache, auto_on_cpu):
+    """Parsable, but the decision for this very call lacks its plan: one warning, the tables."""
+    content = {"version": tune.CACHE_VERSION, "lora_kernels": lora_kernels.__version__}
+    content["decisions"] = {key(8, 32, 48, 4): {"provider": "triton", "ms": 1.0}}
+    fresh_cache.write_text(json.dumps(content))
+    layer = LoRALayer(32, 48, rank=4)
+    with pytest.warns(UserWarning, match="1 malformed decisions") as record:
+        for _ in range(2):
+            layer(torch.randn(8, 32))
     assert len(record) == 1
 
 

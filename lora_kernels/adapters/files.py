@@ -45,6 +45,12 @@ def _alpha_of(layer: LoRALayer) -> float:
     return layer.scaling * (math.sqrt(layer.rank) if layer.use_rslora else layer.rank)
 
 
+def _exactly(name: str) -> str:
+    """A ``rank_pattern`` / ``alpha_pattern`` key matching module ``name`` alone under peft's
+    suffix rule."""
+    return f"^{re.escape(name)}$"
+
+
 def _most_common(values):
     return Counter(values).most_common(1)[0][0]
 
@@ -118,6 +124,11 @@ def _adapter_files(model, base_model_name_or_path, task_type, state_dict):
     layers = {engines.clean_name(n): layer for n, layer in lora_layers(model).items()}
     if not layers:
         raise ValueError("the model has no LoRALayer to save")
+    if "" in layers:
+        raise ValueError(
+            "save_peft_adapter: the model is a bare LoRALayer, which has no module name for "
+            "peft's keys (base_model.model.<module>.lora_A.weight): save the model holding it"
+        )
     to_save = {engines.clean_name(n): m for n, m in modules_to_save_in(model).items()}
     check_nothing_unsaved(model.named_parameters(), trained_parameters(model), "save")
     if len({layer.use_rslora for layer in layers.values()}) > 1:
@@ -142,9 +153,15 @@ def _adapter_files(model, base_model_name_or_path, task_type, state_dict):
         "target_modules": sorted(layers),
         "use_rslora": next(iter(layers.values())).use_rslora,
         "bias": "none",
-        "rank_pattern": {n: layer.rank for n, layer in layers.items() if layer.rank != rank},
+        # Keys are anchored regexes: peft (and our loader) match a key against a name's last
+        # dotted parts, so a plain "0" would match "2.0" too.
+        "rank_pattern": {
+            _exactly(n): layer.rank for n, layer in layers.items() if layer.rank != rank
+        },
         "alpha_pattern": {
-            n: _alpha_of(layer) for n, layer in layers.items() if _alpha_of(layer) != alpha
+            _exactly(n): _alpha_of(layer)
+            for n, layer in layers.items()
+            if _alpha_of(layer) != alpha
         },
         "fan_in_fan_out": False,
         "init_lora_weights": True,

@@ -73,6 +73,8 @@ def _unload(model: nn.Module, merge: bool) -> nn.Module:
     _check_finite(todo, 1 if merge else -1)
     for layer in todo.values():
         layer.merge() if merge else layer.unmerge()
+    if "" in layers:  # a bare LoRALayer: its linear is the model now
+        return model.linear
     replace_modules(model, {name: layer.linear for name, layer in layers.items()})
     for module in modules_to_save_in(model).values():
         delattr(module, SAVE_MARK)
@@ -84,12 +86,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     ``merge_and_unload``), in place; the model's ``state_dict`` keys are the base model's again,
     so ``save_pretrained`` writes a checkpoint any loader reads. Float32 math; raises
     ``RuntimeError``, changing nothing, if any merged weight would not be finite. Modules to save
-    keep their trained weights (as in peft). Returns ``model``."""
+    keep their trained weights (as in peft). Returns ``model`` (for a bare ``LoRALayer``, its
+    ``nn.Linear``)."""
     return _unload(model, merge=True)
 
 
 def unload(model: nn.Module) -> nn.Module:
     """Every ``LoRALayer`` becomes its plain ``nn.Linear`` without the update (peft's
     ``unload``), in place; a merged layer is unmerged first (exact up to the weight dtype's
-    rounding). Modules to save keep their trained weights (as in peft). Returns ``model``."""
+    rounding). Modules to save keep their trained weights (as in peft). Returns ``model`` (for a
+    bare ``LoRALayer``, its ``nn.Linear``)."""
     return _unload(model, merge=False)

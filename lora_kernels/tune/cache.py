@@ -115,16 +115,36 @@ def _read(path: str) -> dict[str, dict]:
                 f"{(CACHE_VERSION, __version__)} (decisions measured on other code)"
             )
         decisions = data.get("decisions")
-        if not isinstance(decisions, dict) or not all(
-            isinstance(d, dict) and d.get("provider") in PROVIDERS for d in decisions.values()
-        ):
+        if not isinstance(decisions, dict):
             raise ValueError("no valid 'decisions' object")
     except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         if path not in _warned:
             _warned.add(path)
             warnings.warn(f"lora_kernels.tune: ignoring the cache {path}: {e}", stacklevel=3)
         return {}
+    bad = sorted(key for key, d in decisions.items() if not _valid(d))
+    if bad:
+        if path not in _warned:
+            _warned.add(path)
+            warnings.warn(
+                f"lora_kernels.tune: ignoring the cache {path}'s {len(bad)} malformed decisions "
+                f"(each needs a provider of {PROVIDERS}, and a 'plan' object for 'triton'): "
+                f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}",
+                stacklevel=3,
+            )
+        decisions = {k: d for k, d in decisions.items() if k not in bad}
     return decisions
+
+
+def _valid(decision: object) -> bool:
+    """Whether a stored decision can be used: a known provider; a Triton one with its plan
+    (launch configs by name; a field missing takes the tables' value)."""
+    if not isinstance(decision, dict) or decision.get("provider") not in PROVIDERS:
+        return False
+    plan = decision.get("plan")
+    if decision["provider"] == "torch":
+        return plan is None or isinstance(plan, dict)
+    return isinstance(plan, dict) and all(isinstance(k, str) for k in plan)
 
 
 def decisions() -> dict[str, dict]:
