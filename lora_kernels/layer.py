@@ -68,6 +68,21 @@ def _lora_over_unit(base, x, lora_A, lora_B, scaling, dropout_p) -> torch.Tensor
     return base(x) + lora * scaling
 
 
+def _unmerged_in_state(layer: LoRALayer, state_dict, prefix: str, local_metadata) -> None:
+    """``state_dict`` post-hook: a merged layer's base weight entry is the unmerged weight."""
+    key = prefix + "linear.weight"
+    if layer.merged and key in state_dict:
+        state_dict[key] = layer.merged_weight(sign=-1)
+
+
+def _merge_loaded(layer: LoRALayer, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: a merged layer folds the update into the (unmerged)
+    weight it loaded, so it stays merged."""
+    if layer.merged:
+        with torch.no_grad():
+            layer.linear.weight.copy_(layer.merged_weight())
+
+
 class LoRALayer(nn.Module):
     r"""A frozen ``nn.Linear`` plus a trainable low-rank update (LoRA, Hu et al. 2021).
 
@@ -195,6 +210,11 @@ class LoRALayer(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(linear.in_features, rank, **factory_kwargs))
         self.lora_B = nn.Parameter(torch.empty(rank, linear.out_features, **factory_kwargs))
         self.merged = False
+        # The state dict holds the unmerged base weight whatever `merged` is, and a merged layer
+        # merges again what it loads: a state moves between merged and unmerged layers without
+        # counting the update twice or losing it.
+        self.register_state_dict_post_hook(_unmerged_in_state)
+        self.register_load_state_dict_post_hook(_merge_loaded)
         self.reset_parameters()
 
     @property

@@ -349,3 +349,39 @@ def test_float64_bias_gradient_keeps_float64_precision(backend):
     b.requires_grad_(True)
     lora_linear(x, W, b, A, B, scaling=0.5, backend=backend).backward(dy)
     assert_close("db", b.grad, dy.sum(0), 1e-12)
+
+
+# --- the merged state ---------------------------------------------------------------------------
+
+
+def test_a_merged_layers_state_loads_into_an_unmerged_one():
+    """The state dict holds the unmerged base weight: the update is not counted twice."""
+    torch.manual_seed(0)
+    merged = LoRALayer(8, 4, rank=2, init="seed")
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = merged(x)
+        merged.merge()
+        fresh = LoRALayer(8, 4, rank=2)
+        fresh.load_state_dict(merged.state_dict())
+        assert not fresh.merged
+        assert_close("fresh", fresh(x), want.double(), 1e-6)
+        assert_close("merged", merged(x), want.double(), 1e-6)
+
+
+def test_an_unmerged_state_loads_into_a_merged_layer():
+    """A merged layer folds the update into what it loads and stays merged; unmerging gives back
+    the loaded base weight (up to float32 rounding)."""
+    torch.manual_seed(0)
+    source = LoRALayer(8, 4, rank=2, init="seed")
+    target = LoRALayer(8, 4, rank=2, init="seed")
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = source(x)
+        target.merge()
+        target.load_state_dict(source.state_dict())
+        assert target.merged
+        assert_close("merged target", target(x), want.double(), 1e-6)
+        target.unmerge()
+        assert_close("base", target.linear.weight, source.linear.weight.double(), 1e-6)
+        assert_close("unmerged target", target(x), want.double(), 1e-6)
