@@ -1,0 +1,70 @@
+"""DoRA's weight norm without the ``(out, in)`` merged weight.
+
+DoRA scales each output column by ``c_j = m_j / n_j`` with ``n_j = || W_j + s ((A B)^T)_j ||``,
+the row norm of the merged weight. Expanding the square,
+
+    n_j^2 = ||W_j||^2 + 2 s <(W A)_j, B_{:,j}> + s^2 B_{:,j}^T (A^T A) B_{:,j}
+
+needs one thin pass over ``W`` (``W A``: ``(N, r)``), the ``r x r`` Gram matrix ``A^T A`` and
+the base rows' squared norms, which stay constant while ``W`` is frozen (pass them in to skip
+that pass). Accumulated in float32 (float64 for float64), as the kernels accumulate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Rows of W read per step (as a block of at most this many elements in the accumulation
+# dtype): the only (rows, K) temporaries, whatever N.
+BLOCK_ELEMS = 2**22
+
+
+def _row_blocks(weight: torch.Tensor, acc: torch.dtype):
+    """``(i, j, W[i:j] in acc)`` over blocks of rows of ``weight``."""
+    n, k = weight.shape
+    rows = max(1, BLOCK_ELEMS // max(k, 1))
+    for i in range(0, n, rows):
+        yield i, min(i + rows, n), weight[i : i + rows].to(acc)
+
+
+def base_row_norms_sq(weight: torch.Tensor) -> torch.Tensor:
+    """``||W_j||^2`` for each output row of ``weight`` ``(N, K)``, in the accumulation dtype."""
+    acc = accumulation_dtype(weight.dtype)
+    out = torch.empty(weight.shape[0], dtype=acc, device=weight.device)
+    for i, j, w in _row_blocks(weight, acc):
+        out[i:j] = (w * w).sum(dim=1)
+    return out
+
+
+@torch.no_grad()
+def weight_norm(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    base_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``n`` ``(N,)``: the row norms of ``W + s (A B)^T`` for ``weight`` ``(N, K)``, ``lora_A``
+    ``(K, r)``, ``lora_B`` ``(r, N)``, by the factored form, ``W`` read in blocks of rows (no
+    ``(N, K)`` temporary). ``base_sq``: :func:`base_row_norms_sq` of ``weight``, when cached.
+    In the accumulation dtype, detached (DoRA's norm is a constant in backward); rounding can
+    take ``n^2`` a hair below zero where a merged row vanishes: clamped at zero."""
+    acc = accumulation_dtype(torch.promote_types(weight.dtype, lora_A.dtype))
+    a, bt = lora_A.to(acc), lora_B.to(acc).t()  # (K, r), (N, r)
+    n = weight.shape[0]
+    wa = torch.empty(n, a.shape[1], dtype=acc, device=weight.device)  # the one pass over W
+    sq = None if base_sq is not None else torch.empty(n, dtype=acc, device=weight.device)
+    for i, j, w in _row_blocks(weight, acc):
+        torch.mm(w, a, out=wa[i:j])
+        if sq is not None:
+            sq[i:j] = (w * w).sum(dim=1)
+    base = (base_sq if base_sq is not None else sq).to(acc)
+    cross = (wa * bt).sum(dim=1)
+    lora_sq = ((bt @ (a.t() @ a)) * bt).sum(dim=1)
+    return (base + 2.0 * scaling * cross + scaling * scaling * lora_sq).clamp_min(0).sqrt()

@@ -1,0 +1,133 @@
+"""DoRA's groundwork (issue 26): the factored weight norm against the merged weight's row
+norms, and the float64 oracle ``dora_linear_reference`` against peft's own DoRA layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, seed_for
+from torch import nn
+
+from lora_kernels import dora
+from lora_kernels.reference import dora_linear_reference, dora_weight_norm_reference
+
+SHAPES = [(1, 1, 1), (17, 33, 3), (64, 48, 16), (5, 300, 7), (257, 31, 8)]  # (N, K, r)
+
+
+def factors(n, k, r, dtype, gen):
+    weight = torch.randn(n, k, generator=gen, dtype=torch.float64).to(dtype)
+    lora_A = torch.randn(k, r, generator=gen, dtype=torch.float64).to(dtype) / k**0.5
+    lora_B = torch.randn(r, n, generator=gen, dtype=torch.float64).to(dtype)
+    return weight, lora_A, lora_B
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(
+    ("dtype", "adapter_dtype", "tol"),
+    [
+        (torch.float64, torch.float64, 1e-12),
+        (torch.float32, torch.float32, 1e-6),
+        (torch.bfloat16, torch.float32, 1e-6),  # accumulated in float32
+        (torch.float16, torch.float16, 1e-6),
+    ],
+)
+def test_factored_norm_equals_the_merged_weights_row_norms(shape, dtype, adapter_dtype, tol):
+    n, k, r = shape
+    gen = torch.Generator().manual_seed(seed_for(shape, dtype))
+    weight, lora_A, lora_B = factors(n, k, r, dtype, gen)
+    lora_A, lora_B = lora_A.to(adapter_dtype), lora_B.to(adapter_dtype)
+    scaling = 0.7
+    # The oracle on the same values, in float64. The factored form's rounding is relative to the
+    # row's scale (||W_j||^2 + s^2 ||(A B)_j||^2), not to n_j^2, which can cancel far below it.
+    w64, a64, b64 = weight.double(), lora_A.double(), lora_B.double()
+    want = dora_weight_norm_reference(w64, a64, b64, scaling)
+    scale = (w64 * w64).sum(1) + scaling**2 * ((a64 @ b64).T ** 2).sum(1)
+    got = dora.weight_norm(weight, lora_A, lora_B, scaling)
+    assert got.dtype == dora.accumulation_dtype(torch.promote_types(dtype, adapter_dtype))
+    err = ((got.double() ** 2 - want**2).abs() / scale).max().item()
+    assert err <= tol, f"n^2: error {err:.2e} of the row's scale > {tol:.0e}"
+    cached = dora.weight_norm(weight, lora_A, lora_B, scaling, dora.base_row_norms_sq(weight))
+    assert torch.equal(cached, got)
+
+
+def test_factored_norm_reads_w_in_blocks_of_rows(monkeypatch):
+    """Blocks smaller than W (here 3 rows of 50): the same norms, no (N, K) temporary."""
+    gen = torch.Generator().manual_seed(1)
+    weight, lora_A, lora_B = factors(20, 50, 4, torch.float64, gen)
+    whole = dora.weight_norm(weight, lora_A, lora_B, 1.5)
+    monkeypatch.setattr(dora, "BLOCK_ELEMS", 150)
+    assert len(list(dora._row_blocks(weight, torch.float64))) == 7
+    assert_close("blocked", dora.weight_norm(weight, lora_A, lora_B, 1.5), whole, 1e-14)
+    assert_close("base", dora.base_row_norms_sq(weight), (weight * weight).sum(1), 1e-14)
+
+
+def test_a_vanishing_merged_row_gives_zero_not_nan():
+    weight = torch.zeros(3, 4, dtype=torch.float64)
+    lora_A, lora_B = torch.eye(4, 2, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64)
+    assert torch.equal(dora.weight_norm(weight, lora_A, lora_B, 1.0), torch.zeros(3).double())
+
+
+# --- the oracle against peft's DoRA layer -------------------------------------------------------
+
+
+class FixedMask(nn.Module):
+    """A dropout whose mask is given: peft's DoRA layer then takes its dropout path (a base GEMM
+    over the dropped input too), with a mask we can hand the reference."""
+
+    def __init__(self, mask, p):
+        super().__init__()
+        self.mask, self.p = mask, p
+
+    def forward(self, x):
+        return x * self.mask / (1.0 - self.p)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+@pytest.mark.parametrize("bias", [True, False])
+def test_reference_equals_peft_dora(dropout, bias):
+    """Output and every gradient (x, A, B, magnitude) of peft's ``use_dora=True`` layer, in
+    float32, to 1e-5 of the float64 oracle on the same values."""
+    peft = pytest.importorskip("peft")
+
+    torch.manual_seed(seed_for("dora", dropout, bias))
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["0"], use_dora=True,
+        init_lora_weights=False,  # a nonzero B: the DoRA terms matter
+    )  # fmt: skip
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(24, 12, bias=bias)), config)
+    layer = model.base_model.model[0]
+    base = layer.base_layer
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight.mul_(1.3)  # m != n: c != 1
+    x = torch.randn(2, 5, 24)
+    mask = None
+    if dropout:
+        mask = (torch.rand(2, 5, 24) >= dropout).float()
+        layer.lora_dropout["default"] = FixedMask(mask, dropout)
+    layer.train()
+    xs = x.clone().requires_grad_(True)
+    y = layer(xs)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    m = layer.lora_magnitude_vector["default"].weight
+    leaves = {
+        "x": x.double(),
+        "A": A.detach().t().double(),
+        "B": B.detach().t().double(),
+        "m": m.detach().double(),
+    }
+    for t in leaves.values():
+        t.requires_grad_(True)
+    b = None if base.bias is None else base.bias.detach().double()
+    ref = dora_linear_reference(
+        leaves["x"], base.weight.detach().double(), b, leaves["A"], leaves["B"], leaves["m"],
+        layer.scaling["default"], dropout_mask=None if mask is None else mask.double(),
+        dropout_p=dropout,
+    )  # fmt: skip
+    ref.backward(dy.double())
+    assert_close("y", y, ref, 1e-5)
+    assert_close("dx", xs.grad, leaves["x"].grad, 1e-5)
+    assert_close("dA", A.grad.t(), leaves["A"].grad, 1e-5)
+    assert_close("dB", B.grad.t(), leaves["B"].grad, 1e-5)
+    assert_close("dm", m.grad, leaves["m"].grad, 1e-5)
