@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from . import quant, torch_path, tune
+from . import dora, quant, torch_path, tune
+from .dropout import keep_mask
 from .validation import SEED_LIMIT, validate
 
 
@@ -230,6 +231,7 @@ def lora_linear(
     dropout_p: float = 0.0,
     seed: int | None = None,
     backend: str = "auto",
+    magnitude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = x W^T + b + scaling * (dropout(x) A) B``, differentiable in every tensor.
 
@@ -247,6 +249,7 @@ def lora_linear(
         dropout_p: dropout probability on the LoRA branch's input, in ``[0, 1)``.
         seed: dropout seed; ``None`` draws one from PyTorch's default generator.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        magnitude: ``(N,)`` DoRA magnitude ``m``: then DoRA's output (:func:`dora_linear`).
 
     Returns:
         ``(..., N)`` tensor of ``x``'s dtype (under ``torch.autocast``: autocast's dtype).
@@ -258,9 +261,61 @@ def lora_linear(
         >>> lora_linear(x, W, None, A, B, scaling=0.5).shape
         torch.Size([8, 10])
     """
+    if magnitude is not None:
+        return dora_linear(
+            x, weight, bias, lora_A, lora_B, magnitude, scaling,
+            dropout_p=dropout_p, seed=seed, backend=backend,
+        )  # fmt: skip
     # autocast's casts here, outside the Function, where autograd records them (double backward
     # differentiates through them); the Function's own cast then has nothing left to do.
     x, weight, bias = autocast_base(x, weight, bias)
     return LoRALinearFunction.apply(
         x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend
     )
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float = 1.0,
+    *,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """DoRA (peft's ``use_dora=True``): ``y = x W^T + b + (c - 1) (x_d W^T) + c s (x_d A) B``
+    with ``x_d = dropout(x)``, ``c = magnitude / n`` and ``n`` the row norms of ``W + s (A B)^T``
+    (``dora.weight_norm``, factored: no ``(N, K)`` temporary; a constant in backward, as in peft).
+
+    Without dropout this is ``c * lora_linear(x, W, None, A, B, s) + b``: the fused call and a
+    column scale. With dropout the base GEMM runs over ``x`` and ``x_d`` both (peft's semantics),
+    in plain PyTorch ops over :func:`lora_linear`'s mask (from ``seed``, drawn when ``None``).
+    The fused DoRA kernels are not built yet (issue 26). ``magnitude``: ``(N,)``, floating; a
+    4-bit base is refused for now.
+    """
+    n_out = weight.shape[0]
+    if not isinstance(magnitude, torch.Tensor) or magnitude.shape != (n_out,):
+        shape = tuple(getattr(magnitude, "shape", ()))
+        raise ValueError(f"magnitude must be a ({n_out},) tensor (one per output), got {shape}")
+    if not magnitude.is_floating_point():
+        raise TypeError(f"magnitude must be floating point, got {magnitude.dtype}")
+    if quant.is_4bit(weight):
+        raise ValueError("DoRA over a 4-bit base is not supported yet (issue 26)")
+    x, weight, bias = autocast_base(x, weight, bias)
+    norm = dora.weight_norm(weight, lora_A, lora_B, scaling)
+    c = (magnitude / norm.to(magnitude.dtype)).to(x.dtype)
+    if dropout_p == 0.0:
+        y = lora_linear(x, weight, None, lora_A, lora_B, scaling, backend=backend) * c
+        return y if bias is None else y + bias
+    if seed is None:
+        seed = draw_seed()
+    rows = x.reshape(-1, x.shape[-1])
+    keep = keep_mask(tuple(rows.shape), dropout_p, seed, x.device).view(x.shape)
+    x_d = x * keep / (1.0 - dropout_p)
+    base = torch.nn.functional.linear(x, weight, bias)
+    lora = (x_d @ lora_A.to(x.dtype)) @ lora_B.to(x.dtype)
+    return base + (c - 1) * torch.nn.functional.linear(x_d, weight) + c * scaling * lora

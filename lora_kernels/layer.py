@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from . import engines, quant
+from . import dora, engines, quant
 from .function import lora_linear
 from .validation import check_adapter_dtype, check_alpha, check_dropout, check_rank
 
@@ -32,6 +32,7 @@ def lora_forward(
     scaling: float,
     dropout_p: float,
     owner: nn.Module | None = None,
+    magnitude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``base(x) + scaling * (dropout(x) A) B`` through :func:`lora_linear`, reading ``base``'s
     weight and bias without calling it: ``base`` is an ``nn.Linear``, or a bitsandbytes 4-bit
@@ -46,13 +47,17 @@ def lora_forward(
     forward) and the LoRA term added in plain PyTorch. A base weight still partitioned here
     raises an error that names the engine."""
     if engines.fsdp_unit(base):
+        if magnitude is not None:
+            raise ValueError("DoRA over a base that is an FSDP unit of its own: not supported")
         return _lora_over_unit(base, x, lora_A, lora_B, scaling, dropout_p)
     weight, bias = base.weight, base.bias
     if owner is not None:
         engines.gather_with(owner, (weight, bias))
     if not quant.is_4bit(weight):
         engines.check_whole(weight, type(owner or base).__name__)
-        return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p)
+        return lora_linear(
+            x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, magnitude=magnitude
+        )
     dtype = quant.compute_dtype(base, x)
     bias = None if bias is None else bias.to(dtype)
     y = lora_linear(x.to(dtype), weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p)
@@ -80,7 +85,7 @@ def _merge_loaded(layer: LoRALayer, incompatible_keys) -> None:
     weight it loaded, so it stays merged."""
     if layer.merged:
         with torch.no_grad():
-            layer.linear.weight.copy_(layer.merged_weight())
+            layer._fold()
 
 
 class LoRALayer(nn.Module):
@@ -108,6 +113,10 @@ class LoRALayer(nn.Module):
             std ``1 / rank``, ``lora_B`` zeros) or ``"seed"`` (both ``torch.randn``).
         use_rslora: rank-stabilised scaling ``alpha / sqrt(rank)``.
         device, dtype: factory kwargs for every parameter.
+        use_dora: DoRA (Liu et al. 2024, peft's ``use_dora``): a trainable ``magnitude``
+            ``(out_features,)``, initialised to the row norms of ``W + s (A B)^T`` (with
+            ``init="lora"``, the base's: the layer starts equal to its linear); the output is
+            :func:`lora_kernels.function.dora_linear`'s. Not over a 4-bit base yet.
         adapter_dtype: dtype of ``lora_A`` / ``lora_B`` when it should differ from ``dtype``:
             ``torch.float32`` keeps float32 adapters (the optimizer's master weights) on a
             bfloat16 or float16 layer, peft's default. The LoRA branch then computes in the
@@ -134,6 +143,10 @@ class LoRALayer(nn.Module):
         296
     """
 
+    # (defaults for layers pickled before these attributes existed)
+    use_dora = False
+    _dora_norm = None
+
     def __init__(
         self,
         in_features: int,
@@ -148,6 +161,7 @@ class LoRALayer(nn.Module):
         device=None,
         dtype=None,
         adapter_dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         rank = check_rank(rank)
@@ -161,6 +175,7 @@ class LoRALayer(nn.Module):
             init,
             use_rslora,
             adapter_dtype,
+            use_dora,
         )
 
     @classmethod
@@ -174,6 +189,7 @@ class LoRALayer(nn.Module):
         init: str = "lora",
         use_rslora: bool = False,
         adapter_dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> LoRALayer:
         """Wrap an existing ``nn.Linear`` (no copy: the layer's ``linear`` *is* ``linear``).
 
@@ -191,16 +207,22 @@ class LoRALayer(nn.Module):
         adapter_dtype = check_adapter_dtype(adapter_dtype)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._setup(linear, rank, alpha, dropout, init, use_rslora, adapter_dtype)
+        layer._setup(linear, rank, alpha, dropout, init, use_rslora, adapter_dtype, use_dora)
         return layer
 
-    def _setup(self, linear, rank, alpha, dropout, init, use_rslora, adapter_dtype) -> None:
+    def _setup(
+        self, linear, rank, alpha, dropout, init, use_rslora, adapter_dtype, use_dora=False
+    ) -> None:
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be True or False, got {use_dora!r}")
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
         self.dropout = check_dropout(dropout)
         self.scaling = lora_scaling(rank, alpha, use_rslora)
         self.rank, self.alpha, self.use_rslora, self.init = rank, alpha, bool(use_rslora), init
         four_bit = quant.check_base(linear)
+        if use_dora and four_bit:
+            raise ValueError("DoRA over a 4-bit base (QDoRA) is not supported yet (issue 26)")
         self.linear = linear
         self.linear.requires_grad_(False)
         factory_kwargs = {
@@ -215,7 +237,15 @@ class LoRALayer(nn.Module):
         # counting the update twice or losing it.
         self.register_state_dict_post_hook(_unmerged_in_state)
         self.register_load_state_dict_post_hook(_merge_loaded)
+        self.use_dora = use_dora
+        self.magnitude = None
         self.reset_parameters()
+        if use_dora:
+            # peft's init: the merged weight's row norms (with B = 0, the base's: the layer
+            # starts equal to its linear)
+            norm = dora.weight_norm(linear.weight, self.lora_A, self.lora_B, self.scaling)
+            self.magnitude = nn.Parameter(norm.to(self.lora_A.dtype))
+        self._dora_norm = None  # the norm a merge used (to unmerge with)
 
     @property
     def in_features(self) -> int:
@@ -257,20 +287,46 @@ class LoRALayer(nn.Module):
             return self.linear(x)
         dropout_p = self.dropout if self.training else 0.0
         return lora_forward(
-            self.linear, x, self.lora_A, self.lora_B, self.scaling, dropout_p, owner=self
+            self.linear,
+            x,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            dropout_p,
+            owner=self,
+            magnitude=getattr(self, "magnitude", None),  # (a layer pickled before DoRA has none)
         )
 
-    def delta_weight(self) -> torch.Tensor:
-        """``s * (A B)^T``, the ``(out, in)`` update ``merge`` adds to the weight, computed in
-        float32 (float64 for float64 layers) whatever the parameters' dtype."""
+    def _lora_delta(self) -> torch.Tensor:
+        """``s * (A B)^T`` in float32 (float64 for float64 layers)."""
         dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
         with torch.no_grad():
             return (self.lora_A.to(dtype) @ self.lora_B.to(dtype)).T.mul_(self.scaling)
 
+    def delta_weight(self) -> torch.Tensor:
+        """The ``(out, in)`` update ``merge`` adds to the weight, computed in float32 (float64
+        for float64 layers) whatever the parameters' dtype: ``s * (A B)^T``; with DoRA,
+        ``c * (W + s (A B)^T) - W`` (``c = magnitude / n`` per output row)."""
+        if not self.use_dora:
+            return self._lora_delta()
+        with torch.no_grad():
+            merged = self._dora_merged(self.linear.weight)
+            return merged - self.linear.weight.to(merged.dtype)
+
+    def _dora_merged(self, weight: torch.Tensor, norm: torch.Tensor | None = None):
+        """``c * (W + s (A B)^T)`` for the unmerged ``weight``, in the accumulation dtype."""
+        delta = self._lora_delta()
+        if norm is None:
+            norm = dora.weight_norm(weight, self.lora_A, self.lora_B, self.scaling)
+        c = self.magnitude.detach().to(delta.dtype) / norm.to(delta.dtype)
+        return (weight.to(delta.dtype) + delta) * c[:, None]
+
     def merged_weight(self, sign: int = 1) -> torch.Tensor:
         """``linear.weight + sign * delta_weight()`` in the weight's dtype, computed in at least
-        float32, without changing anything. Raises ``RuntimeError`` if the result is not finite in
-        the weight's dtype."""
+        float32, without changing anything (with DoRA: ``c * (W + s (A B)^T)``, and for
+        ``sign=-1`` the weight a merge started from: ``W' / c - s (A B)^T`` with the norm that
+        merge used). Raises ``RuntimeError`` if the result is not finite in the weight's
+        dtype."""
         weight = self.linear.weight
         if quant.is_4bit(weight):
             raise RuntimeError(
@@ -278,9 +334,19 @@ class LoRALayer(nn.Module):
                 "re-quantizing W + s (A B)^T to 4 bits would round most of the update away. "
                 "Save the adapter (save_peft_adapter) and merge it onto the 16-bit base model"
             )
-        delta = self.delta_weight()
         with torch.no_grad():
-            result = torch.add(weight.to(delta.dtype), delta, alpha=sign).to(weight.dtype)
+            if not self.use_dora:
+                delta = self._lora_delta()
+                result = torch.add(weight.to(delta.dtype), delta, alpha=sign)
+            elif sign > 0:
+                result = self._dora_merged(weight)
+            else:
+                if self._dora_norm is None:
+                    raise RuntimeError("unmerge: this DoRA layer was not merged by merge()")
+                delta = self._lora_delta()
+                c = self.magnitude.detach().to(delta.dtype) / self._dora_norm.to(delta.dtype)
+                result = weight.to(delta.dtype) / c[:, None] - delta
+            result = result.to(weight.dtype)
         if not torch.isfinite(result).all():
             raise RuntimeError(
                 f"{'merge' if sign > 0 else 'unmerge'} would make linear.weight non-finite in "
@@ -297,7 +363,14 @@ class LoRALayer(nn.Module):
         """
         if self.merged:
             raise RuntimeError("LoRALayer is already merged; call unmerge() first")
-        self.linear.weight.copy_(self.merged_weight())
+        self._fold()
+
+    def _fold(self) -> None:
+        result = self.merged_weight()
+        if self.use_dora:
+            w, a, b = self.linear.weight, self.lora_A, self.lora_B
+            self._dora_norm = dora.weight_norm(w, a, b, self.scaling)
+        self.linear.weight.copy_(result)
         self.merged = True
 
     @torch.no_grad()
@@ -307,6 +380,7 @@ class LoRALayer(nn.Module):
             raise RuntimeError("LoRALayer is not merged; nothing to unmerge")
         self.linear.weight.copy_(self.merged_weight(sign=-1))
         self.merged = False
+        self._dora_norm = None
 
     def __setattr__(self, name: str, value) -> None:
         # NOTE: without this, nn.Module.__setattr__ answers `layer.weight = Parameter(...)` with a
@@ -341,6 +415,7 @@ class LoRALayer(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
             f"merged={self.merged}"
+            + (", use_dora=True" if self.use_dora else "")
             + (
                 f", adapter_dtype={self.lora_A.dtype}"
                 if self.lora_A.dtype != self.linear.weight.dtype

@@ -131,3 +131,110 @@ def test_reference_equals_peft_dora(dropout, bias):
     assert_close("dA", A.grad.t(), leaves["A"].grad, 1e-5)
     assert_close("dB", B.grad.t(), leaves["B"].grad, 1e-5)
     assert_close("dm", m.grad, leaves["m"].grad, 1e-5)
+
+
+# --- DoRA through lora_linear and LoRALayer (the torch path's math; no fused DoRA kernel yet) ----
+
+
+def dora_case(dtype, gen, n=12, k=24, r=4, lead=(2, 5)):
+    x = torch.randn(*lead, k, generator=gen, dtype=torch.float64).to(dtype)
+    weight, lora_A, lora_B = (t.to(dtype) for t in factors(n, k, r, torch.float64, gen))
+    bias = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    magnitude = (torch.rand(n, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+    return x, weight, bias, lora_A, lora_B, magnitude
+
+
+@pytest.mark.parametrize(
+    ("dtype", "backend", "dropout", "tol"),
+    [
+        (torch.float64, "torch", 0.0, 1e-12),
+        (torch.float64, "torch", 0.3, 1e-12),
+        (torch.float32, "torch", 0.0, 1e-5),
+        (torch.float32, "torch", 0.3, 1e-5),
+        # the fused LoRA kernel (in the interpreter), then the column scale; with dropout DoRA
+        # runs PyTorch ops on every backend (no DoRA kernel yet)
+        (torch.float32, "triton", 0.0, 1e-4),
+    ],
+)
+def test_dora_linear_equals_the_reference(dropout, dtype, backend, tol):
+    """Output and the gradients of x, A, B and the magnitude, against the float64 oracle with
+    the same dropout mask (the call's seed given)."""
+    from lora_kernels import lora_linear
+    from lora_kernels.dropout import keep_mask
+
+    gen = torch.Generator().manual_seed(seed_for("dora_linear", dropout, dtype, backend))
+    x, weight, bias, lora_A, lora_B, m = dora_case(dtype, gen)
+    leaves = [x, lora_A, lora_B, m]
+    for t in leaves:
+        t.requires_grad_(True)
+    y = lora_linear(x, weight, bias, lora_A, lora_B, 0.5, dropout_p=dropout, seed=11,
+                    backend=backend, magnitude=m)  # fmt: skip
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)
+    y.backward(dy)
+    mask = None
+    if dropout:
+        mask = keep_mask((10, 24), dropout, 11, x.device).view(2, 5, 24).double()
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    xr, ar, br, mr = ref_leaves
+    ref = dora_linear_reference(
+        xr, weight.double(), bias.double(), ar, br, mr, 0.5, dropout_mask=mask, dropout_p=dropout
+    )
+    ref.backward(dy.double())
+    assert y.dtype == dtype
+    assert_close("y", y, ref, tol)
+    for name, t, r in zip(("x", "A", "B", "m"), leaves, ref_leaves):
+        assert_close(f"d{name}", t.grad, r.grad, tol)
+
+
+def test_dora_layer_starts_equal_to_its_linear_and_trains_its_magnitude():
+    from lora_kernels import LoRALayer
+
+    torch.manual_seed(0)
+    layer = LoRALayer(24, 12, rank=4, alpha=8, use_dora=True)
+    assert layer.magnitude.shape == (12,) and layer.magnitude.requires_grad
+    assert_close("m", layer.magnitude, layer.linear.weight.double().norm(dim=1), 1e-6)
+    x = torch.randn(3, 24)
+    assert_close("y", layer(x), layer.linear(x).double(), 1e-6)
+    layer(x).square().sum().backward()
+    assert layer.magnitude.grad is not None and layer.linear.weight.grad is None
+    assert "use_dora=True" in repr(layer)
+    assert sum(p.numel() for p in layer.parameters() if p.requires_grad) == 24 * 4 + 4 * 12 + 12
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dora_merge_unmerge_and_the_state_dict(dtype):
+    """merge writes c * (W + s (A B)^T); forward is unchanged; unmerge gives W back; a merged
+    DoRA layer's state loads into an unmerged one (the state holds the unmerged weight)."""
+    from lora_kernels import LoRALayer
+
+    torch.manual_seed(1)
+    layer = LoRALayer(24, 12, rank=4, alpha=8, init="seed", use_dora=True, dtype=dtype)
+    with torch.no_grad():
+        layer.magnitude.mul_(1.2)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    x = torch.randn(3, 24, dtype=dtype)
+    w0 = layer.linear.weight.detach().clone()
+    with torch.no_grad():
+        want = layer(x)
+        delta = layer.delta_weight()
+        layer.merge()
+        assert_close("merged W", layer.linear.weight, (w0.double() + delta.double()), tol)
+        assert_close("merged y", layer(x), want.double(), tol)
+        fresh = LoRALayer(24, 12, rank=4, alpha=8, use_dora=True, dtype=dtype)
+        fresh.load_state_dict(layer.state_dict())
+        assert_close("fresh y", fresh(x), want.double(), tol)
+        layer.unmerge()
+        assert_close("unmerged W", layer.linear.weight, w0.double(), tol)
+        assert_close("unmerged y", layer(x), want.double(), tol)
+
+
+def test_dora_injected_trains_and_refuses_a_save_that_would_lose_it(tmp_path):
+    from lora_kernels import inject_lora, save_peft_adapter
+
+    model = inject_lora(nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4)), ["0", "2"],
+                        rank=2, use_dora=True)  # fmt: skip
+    trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trained == sorted(f"{i}.{p}" for i in (0, 2) for p in ("lora_A", "lora_B", "magnitude"))
+    with pytest.raises(ValueError, match="DoRA layers .* can't be saved"):
+        save_peft_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()

@@ -124,6 +124,12 @@ def _adapter_files(model, base_model_name_or_path, task_type, state_dict):
     layers = {engines.clean_name(n): layer for n, layer in lora_layers(model).items()}
     if not layers:
         raise ValueError("the model has no LoRALayer to save")
+    dora_layers = [n for n, layer in layers.items() if layer.use_dora]
+    if dora_layers:
+        raise ValueError(
+            f"save_peft_adapter: DoRA layers ({', '.join(dora_layers[:4])}) can't be saved in "
+            "peft's format yet (issue 26): their magnitudes would be lost"
+        )
     if "" in layers:
         raise ValueError(
             "save_peft_adapter: the model is a bare LoRALayer, which has no module name for "

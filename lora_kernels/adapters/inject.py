@@ -47,6 +47,7 @@ def inject_lora(
     init: str = "lora",
     adapter_dtype: torch.dtype | None = None,
     modules_to_save: list[str] | None = None,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Replace every matching ``nn.Linear`` of ``model`` with a ``LoRALayer`` sharing its weight.
 
@@ -56,7 +57,8 @@ def inject_lora(
             to it or to its last dotted parts, ``"query"`` matches ``"...attention.self.query"``),
             a regex string matched against full names, or ``"all-linear"`` (every linear but the
             output head, the modules to save and those that already have LoRA).
-        rank, alpha, dropout, use_rslora, init, adapter_dtype: as in :class:`LoRALayer`
+        rank, alpha, dropout, use_rslora, init, adapter_dtype, use_dora: as in
+            :class:`LoRALayer`
             (``adapter_dtype=torch.float32`` on a bfloat16 model: float32 adapters, as peft).
         modules_to_save: modules trained in full beside the adapters and saved with them
             (peft's ``modules_to_save``, e.g. ``["classifier"]``), matched by the list rule.
@@ -147,6 +149,7 @@ def inject_lora(
                 init=init,
                 use_rslora=use_rslora,
                 adapter_dtype=adapter_dtype,
+                use_dora=use_dora,
             )
             for name in names
         }

@@ -149,9 +149,12 @@ def modules_to_save_in(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def trained_parameters(model: nn.Module) -> set[int]:
-    """The ids of the parameters an adapter file holds: every ``LoRALayer``'s ``lora_A`` /
-    ``lora_B`` and every parameter of the modules to save."""
+    """The ids of the parameters an adapter trains: every ``LoRALayer``'s ``lora_A`` /
+    ``lora_B`` (and DoRA's ``magnitude``) and every parameter of the modules to save."""
     ids = {id(p) for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
+    ids.update(
+        id(layer.magnitude) for layer in lora_layers(model).values() if layer.use_dora
+    )  # (DoRA's)
     ids.update(id(p) for m in modules_to_save_in(model).values() for p in m.parameters())
     return ids
 
