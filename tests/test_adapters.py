@@ -221,8 +221,9 @@ def corrupt(directory, how):
         config = json.loads(config_path.read_text())
         config["use_dora"] = True
         config_path.write_text(json.dumps(config))
-    return {"no weights": weights_path, "no config": config_path, "bad json": config_path,
-            "dora": config_path}.get(how, weights_path)  # fmt: skip
+    return {"no weights": weights_path, "no config": config_path, "bad json": config_path}.get(
+        how, weights_path
+    )
 
 
 @pytest.mark.parametrize(
@@ -235,7 +236,7 @@ def corrupt(directory, how):
         ("wrong shape", "don't fit nn.Linear(384, 384)"),
         ("unknown module", "has no module"),
         ("missing B", "has no lora_B weight"),
-        ("dora", "use_dora=True is not supported"),
+        ("dora", "has no lora_magnitude_vector (use_dora)"),  # a DoRA config, no magnitudes
     ],
 )
 def test_bad_adapter_fails_cleanly(tmp_path, how, words):

@@ -228,13 +228,52 @@ def test_dora_merge_unmerge_and_the_state_dict(dtype):
         assert_close("unmerged y", layer(x), want.double(), tol)
 
 
-def test_dora_injected_trains_and_refuses_a_save_that_would_lose_it(tmp_path):
-    from lora_kernels import inject_lora, save_peft_adapter
+def dora_model():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4))
 
-    model = inject_lora(nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4)), ["0", "2"],
-                        rank=2, use_dora=True)  # fmt: skip
+
+def trained_dora_model():
+    from lora_kernels import inject_lora
+
+    model = inject_lora(dora_model(), ["0", "2"], rank=2, alpha=4, init="seed", use_dora=True)
+    with torch.no_grad():
+        for i in (0, 2):
+            model[i].magnitude.mul_(1.1 + 0.1 * i)
+    return model
+
+
+def test_dora_injected_trains_its_magnitudes():
+    model = trained_dora_model()
     trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert trained == sorted(f"{i}.{p}" for i in (0, 2) for p in ("lora_A", "lora_B", "magnitude"))
-    with pytest.raises(ValueError, match="DoRA layers .* can't be saved"):
+
+
+def test_dora_adapter_round_trips_through_ours_and_peft(tmp_path):
+    """Our save holds peft's DoRA keys (lora_magnitude_vector, use_dora: true): our loader and
+    peft's read it back with equal outputs; peft's own DoRA save loads into ours."""
+    peft = pytest.importorskip("peft")
+    from lora_kernels import load_peft_adapter, save_peft_adapter
+
+    model, x = trained_dora_model().eval(), torch.randn(5, 8)
+    save_peft_adapter(model, tmp_path / "ours")
+    with torch.no_grad():
+        want = model(x)
+        ours = load_peft_adapter(dora_model(), tmp_path / "ours").eval()
+        assert ours[0].use_dora and torch.equal(ours[2].magnitude, model[2].magnitude)
+        assert_close("our load", ours(x), want.double(), 1e-6)
+        theirs = peft.PeftModel.from_pretrained(dora_model(), str(tmp_path / "ours")).eval()
+        assert_close("peft's load", theirs(x), want.double(), 1e-5)
+        theirs.save_pretrained(str(tmp_path / "peft"))
+        back = load_peft_adapter(dora_model(), tmp_path / "peft").eval()
+        assert_close("peft's save, our load", back(x), want.double(), 1e-5)
+
+
+def test_mixed_dora_layers_are_refused_on_save(tmp_path):
+    from lora_kernels import inject_lora, save_peft_adapter
+
+    model = inject_lora(dora_model(), ["0"], rank=2, use_dora=True)
+    inject_lora(model, ["2"], rank=2)
+    with pytest.raises(ValueError, match="mix use_dora"):
         save_peft_adapter(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()

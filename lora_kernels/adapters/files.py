@@ -124,12 +124,8 @@ def _adapter_files(model, base_model_name_or_path, task_type, state_dict):
     layers = {engines.clean_name(n): layer for n, layer in lora_layers(model).items()}
     if not layers:
         raise ValueError("the model has no LoRALayer to save")
-    dora_layers = [n for n, layer in layers.items() if layer.use_dora]
-    if dora_layers:
-        raise ValueError(
-            f"save_peft_adapter: DoRA layers ({', '.join(dora_layers[:4])}) can't be saved in "
-            "peft's format yet (issue 26): their magnitudes would be lost"
-        )
+    if len({layer.use_dora for layer in layers.values()}) > 1:
+        raise ValueError("layers mix use_dora True and False; peft's config takes one value")
     if "" in layers:
         raise ValueError(
             "save_peft_adapter: the model is a bare LoRALayer, which has no module name for "
@@ -173,7 +169,7 @@ def _adapter_files(model, base_model_name_or_path, task_type, state_dict):
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": sorted(to_save) or None,
-        "use_dora": False,
+        "use_dora": next(iter(layers.values())).use_dora,
     }
     tensors = {}
     for name, layer in layers.items():
@@ -189,6 +185,14 @@ def _adapter_files(model, base_model_name_or_path, task_type, state_dict):
                     "state_dict="
                 )
             tensors[f"{KEY_PREFIX}{key}.weight"] = value.detach().t().contiguous().cpu()
+        if layer.use_dora:  # peft's key: <module>.lora_magnitude_vector
+            value = engines.whole(_tensor(state_dict, f"{name}.magnitude", layer.magnitude))
+            if tuple(value.shape) != (layer.out_features,):
+                raise ValueError(
+                    f"save: {name}.magnitude has shape {tuple(value.shape)}, not the layer's "
+                    f"({layer.out_features},): a shard that was not gathered?"
+                )
+            tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = value.detach().cpu().clone()
     for name, module in to_save.items():
         for key, value in module.state_dict().items():
             value = engines.whole(_tensor(state_dict, f"{name}.{engines.clean_name(key)}", value))
@@ -270,7 +274,6 @@ def _read_adapter(directory: str):
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}, not 'LORA'")
     unsupported = {
-        "use_dora": bool(config.get("use_dora")),
         "lora_bias": bool(config.get("lora_bias")),
         "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
         "bias": config.get("bias", "none") != "none",
@@ -309,9 +312,10 @@ def _check_config(config: dict, config_path: str) -> None:
     dropout = config.get("lora_dropout", 0.0)
     if not _number(dropout) or not 0.0 <= dropout < 1.0:
         bad("lora_dropout", dropout, "a number in [0, 1)")
-    rslora = config.get("use_rslora", False)
-    if not isinstance(rslora, bool):
-        bad("use_rslora", rslora, "true or false")
+    for field in ("use_rslora", "use_dora"):
+        flag = config.get(field, False)
+        if not isinstance(flag, bool) and flag is not None:
+            bad(field, flag, "true or false")
     for field, ok, want in (
         ("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
          "a positive int"),
@@ -356,6 +360,14 @@ def load_peft_adapter(
         if m is not None:
             pairs.setdefault(m.group(1), {})[m.group(2)] = value
             continue
+        m = re.fullmatch(
+            rf"{re.escape(KEY_PREFIX)}(.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?", key
+        )
+        if m is not None:  # DoRA's magnitude
+            if not config.get("use_dora"):
+                raise ValueError(f"{weights_path}: {key} is a DoRA magnitude, use_dora is not set")
+            pairs.setdefault(m.group(1), {})["M"] = value
+            continue
         rest = key.removeprefix(KEY_PREFIX)
         owner = max((n for n in saved_names if rest.startswith(n + ".")), key=len, default=None)
         if not key.startswith(KEY_PREFIX) or owner is None:
@@ -391,9 +403,11 @@ def load_peft_adapter(
     alpha_pattern = config.get("alpha_pattern") or {}
     checked, direct = [], read_directly(model)
     for name, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
+        if not {"A", "B"} <= set(ab):
             missing = ({"A", "B"} - set(ab)).pop()
             raise ValueError(f"{weights_path}: {name} has no lora_{missing} weight")
+        if config.get("use_dora") and "M" not in ab:
+            raise ValueError(f"{weights_path}: {name} has no lora_magnitude_vector (use_dora)")
         if under(name, existing):
             raise ValueError(f"{weights_path}: {under(name, existing)} has LoRA already")
         if under(name, to_save):
@@ -421,13 +435,19 @@ def load_peft_adapter(
                 f"{config_path}: {name} has rank {r} in the weights, {expected_r} in the config"
             )
         alpha = float(pattern_value(alpha_pattern, name, config["lora_alpha"]))
-        checked.append((name, module, A, B, alpha))
+        M = ab.get("M")
+        if M is not None and M.shape != (module.out_features,):
+            raise ValueError(
+                f"{weights_path}: {name}: lora_magnitude_vector {tuple(M.shape)} doesn't fit "
+                f"nn.Linear({module.in_features}, {module.out_features})"
+            )
+        checked.append((name, module, A, B, M, alpha))
 
     kwargs = {"use_rslora": use_rslora, "adapter_dtype": adapter_dtype}
     with frozen_back_on_error(model):  # (a base refused half-way: nothing stays frozen)
         new = {
-            name: adapted(module, A, B, alpha=alpha, dropout=dropout, **kwargs)
-            for name, module, A, B, alpha in checked
+            name: adapted(module, A, B, M, alpha=alpha, dropout=dropout, **kwargs)
+            for name, module, A, B, M, alpha in checked
         }
     replace_modules(model, new)
     for name, state in to_save.items():

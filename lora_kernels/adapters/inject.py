@@ -27,13 +27,23 @@ from .matching import (
 )
 
 
-def adapted(linear: nn.Linear, lora_A: torch.Tensor, lora_B: torch.Tensor, **kwargs) -> LoRALayer:
+def adapted(
+    linear: nn.Linear,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor | None = None,
+    **kwargs,
+) -> LoRALayer:
     """A ``LoRALayer`` around ``linear`` carrying peft-layout weights ``lora_A`` ``(r, in)`` and
-    ``lora_B`` ``(out, r)``, in ``linear``'s train / eval mode."""
-    layer = LoRALayer.from_linear(linear, rank=lora_A.shape[0], **kwargs)
+    ``lora_B`` ``(out, r)`` (and DoRA's ``magnitude`` ``(out,)``: then a DoRA layer), in
+    ``linear``'s train / eval mode."""
+    use_dora = magnitude is not None
+    layer = LoRALayer.from_linear(linear, rank=lora_A.shape[0], use_dora=use_dora, **kwargs)
     with torch.no_grad():
         layer.lora_A.copy_(lora_A.t())
         layer.lora_B.copy_(lora_B.t())
+        if use_dora:
+            layer.magnitude.copy_(magnitude)
     return layer.train(linear.training)
 
 
