@@ -113,6 +113,36 @@ def test_patched_equals_peft_outputs_and_every_adapter_gradient(which):
         assert_close("hidden", hidden(ours), hidden(theirs).double(), TOL)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_patched_dora_equals_peft_s_dora(dropout):
+    """peft's DoRA layers (``use_dora=True``) run ``dora_linear``: at dropout 0 the loss and every
+    adapter gradient (magnitudes too) equal peft's, computed through our Function; with dropout
+    (our mask, peft's another) no call falls back and ``eval()`` equals peft's."""
+    theirs = peft_model(small_llama(), use_dora=True, lora_dropout=dropout)
+    randomize_trainable(theirs, ("lora_B", "lora_magnitude_vector"))
+    ours = copy.deepcopy(theirs)
+    report = patch_peft(ours)
+    assert len(report.fused) == 14 and not report.fallback
+    calls_before = sum(patch._CALLS.values())
+    out = {}
+    for name, model in (("peft", theirs), ("ours", ours)):
+        model.train()
+        value = llama_loss(model)
+        value.backward()
+        out[name] = value, adapter_grads(model)
+    assert sum(patch._CALLS.values()) == calls_before  # no call fell back
+    grads, expected = out["ours"][1], out["peft"][1]
+    assert grads.keys() == expected.keys() and len(grads) == 3 * 14
+    if dropout == 0.0:  # (with dropout, dora_linear runs PyTorch ops: no DoRA kernel yet)
+        assert "LoRALinearFunctionBackward" in graph_functions(out["ours"][0])
+        assert_close("loss", out["ours"][0], out["peft"][0].double(), TOL)
+        for name in expected:
+            assert_close(name, grads[name], expected[name].double(), GRAD_TOL)
+    for model in (theirs, ours):
+        model.eval()
+    assert_close("logits", logits(ours, LLAMA_VOCAB), logits(theirs, LLAMA_VOCAB).double(), TOL)
+
+
 def test_the_tree_keys_and_parameters_stay_peft_s():
     theirs = peft_model()
     ours = copy.deepcopy(theirs)
@@ -405,7 +435,6 @@ FALLBACKS = [
     ("lora_bias=True", lora_bias, None, {}),
     ("fan_in_fan_out=True", fan_in_fan_out, None, {}),
     ("base layer ScaledLinear", scaled_base, None, {}),
-    ("DoRA (use_dora=True)", dora, None, {}),
     ("lora_dropout CustomDropout", custom_dropout, None, {}),
     ("hooks on the base layer", hooked, None, {}),
     ("adapter modules ScaledLinear", custom_adapter_module, None, {}),

@@ -132,9 +132,8 @@ def fallback_reason(layer: nn.Module, x=None, args=(), kwargs=None) -> str | Non
     if len(active) > 1:
         return "several active adapters"
     adapter = active[0]
-    if adapter in getattr(layer, "lora_variant", {}):
-        if layer.use_dora.get(adapter, False):
-            return "DoRA (use_dora=True)"
+    dora = _dora(layer, adapter)
+    if adapter in getattr(layer, "lora_variant", {}) and dora is None:
         return f"LoRA variant {type(layer.lora_variant[adapter]).__name__}"
     if getattr(layer, "lora_bias", {}).get(adapter, False):
         return "lora_bias=True"
@@ -148,6 +147,8 @@ def fallback_reason(layer: nn.Module, x=None, args=(), kwargs=None) -> str | Non
         return f"base layer {type(base).__name__} (neither nn.Linear nor a 4-bit Linear4bit)"
     if four_bit and getattr(base.weight.quant_state, "packing_format_for_cpu", False):
         return "4-bit weight repacked for bitsandbytes' CPU kernel"
+    if four_bit and dora is not None:
+        return "DoRA over a 4-bit base (QDoRA: not fused yet)"
     lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
     if not (_plain_linear(lora_A) and _plain_linear(lora_B)):
         return f"adapter modules {type(lora_A).__name__} / {type(lora_B).__name__}"
@@ -191,9 +192,25 @@ def _forward(layer, x, *args, **kwargs):
     dropout = layer.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    engines.gather_with(layer, (lora_A, lora_B))  # (the base's: lora_forward)
+    dora = _dora(layer, adapter)
+    magnitude = None if dora is None else dora.weight
+    engines.gather_with(layer, (lora_A, lora_B, magnitude))  # (the base's: lora_forward)
     scaling = float(layer.scaling[adapter])
-    return lora_forward(layer.base_layer, x, lora_A.t(), lora_B.t(), scaling, p, owner=layer)
+    return lora_forward(
+        layer.base_layer, x, lora_A.t(), lora_B.t(), scaling, p, owner=layer, magnitude=magnitude
+    )
+
+
+def _dora(layer, adapter: str):
+    """peft's DoRA module of ``adapter`` on a LoRA ``Linear`` (its ``weight`` is the
+    magnitude), or ``None`` where the adapter is not DoRA (or a DoRA we don't run)."""
+    if not getattr(layer, "use_dora", {}).get(adapter, False):
+        return None
+    vectors = getattr(layer, "lora_magnitude_vector", {})
+    module = vectors[adapter] if adapter in vectors else None
+    if type(module).__name__ != "DoraLinearLayer" or module.fan_in_fan_out:
+        return None
+    return module
 
 
 class PatchedLoRA:
@@ -254,9 +271,10 @@ def patch_peft(model: nn.Module | None = None) -> PatchReport:
         and why, and (live) the calls that fell back. Calling it twice is harmless.
 
     A call falls back to peft's own forward, for that call, where ours would compute something
-    else: several active adapters, ``adapter_names``, merged or disabled adapters, DoRA and
-    other LoRA variants, ``lora_bias``, ``fan_in_fan_out``, a base layer that is neither an
-    ``nn.Linear`` nor a 4-bit ``Linear4bit``, hooks on the base layer or the adapters.
+    else: several active adapters, ``adapter_names``, merged or disabled adapters, LoRA variants
+    other than DoRA (and DoRA over a 4-bit base), ``lora_bias``, ``fan_in_fan_out``, a base
+    layer that is neither an ``nn.Linear`` nor a 4-bit ``Linear4bit``, hooks on the base layer
+    or the adapters. peft's DoRA layers run :func:`lora_kernels.function.dora_linear`.
     Raises ``ValueError`` (changing nothing) when ``model`` holds no peft LoRA layer.
     """
     _require_peft("patch_peft")
