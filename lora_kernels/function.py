@@ -297,14 +297,14 @@ def dora_linear(
     The fused DoRA kernels are not built yet (issue 26). ``magnitude``: ``(N,)``, floating; a
     4-bit base is refused for now.
     """
+    if quant.is_4bit(weight):  # (first: a 4-bit weight's shape is its packed bytes')
+        raise ValueError("DoRA over a 4-bit base is not supported yet (issue 26)")
     n_out = weight.shape[0]
     if not isinstance(magnitude, torch.Tensor) or magnitude.shape != (n_out,):
         shape = tuple(getattr(magnitude, "shape", ()))
         raise ValueError(f"magnitude must be a ({n_out},) tensor (one per output), got {shape}")
     if not magnitude.is_floating_point():
         raise TypeError(f"magnitude must be floating point, got {magnitude.dtype}")
-    if quant.is_4bit(weight):
-        raise ValueError("DoRA over a 4-bit base is not supported yet (issue 26)")
     x, weight, bias = autocast_base(x, weight, bias)
     norm = dora.weight_norm(weight, lora_A, lora_B, scaling)
     c = (magnitude / norm.to(magnitude.dtype)).to(x.dtype)
@@ -313,8 +313,8 @@ def dora_linear(
         return y if bias is None else y + bias
     if seed is None:
         seed = draw_seed()
-    rows = x.reshape(-1, x.shape[-1])
-    keep = keep_mask(tuple(rows.shape), dropout_p, seed, x.device).view(x.shape)
+    # (the mask of x flattened to 2-D, as LoRALinearFunction draws it; rows counted: K may be 0)
+    keep = keep_mask((_rows(x.shape), x.shape[-1]), dropout_p, seed, x.device).view(x.shape)
     x_d = x * keep / (1.0 - dropout_p)
     base = torch.nn.functional.linear(x, weight, bias)
     lora = (x_d @ lora_A.to(x.dtype)) @ lora_B.to(x.dtype)

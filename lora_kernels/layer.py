@@ -327,6 +327,10 @@ class LoRALayer(nn.Module):
         ``sign=-1`` the weight a merge started from: ``W' / c - s (A B)^T`` with the norm that
         merge used). Raises ``RuntimeError`` if the result is not finite in the weight's
         dtype."""
+        return self._merged_weight(sign)
+
+    def _merged_weight(self, sign: int, norm: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`merged_weight`; for a DoRA merge, ``norm`` (when already computed) is ``n``."""
         weight = self.linear.weight
         if quant.is_4bit(weight):
             raise RuntimeError(
@@ -339,7 +343,7 @@ class LoRALayer(nn.Module):
                 delta = self._lora_delta()
                 result = torch.add(weight.to(delta.dtype), delta, alpha=sign)
             elif sign > 0:
-                result = self._dora_merged(weight)
+                result = self._dora_merged(weight, norm)
             else:
                 if self._dora_norm is None:
                     raise RuntimeError("unmerge: this DoRA layer was not merged by merge()")
@@ -366,11 +370,12 @@ class LoRALayer(nn.Module):
         self._fold()
 
     def _fold(self) -> None:
-        result = self.merged_weight()
+        """Write the merged weight; a DoRA layer keeps the norm it used, to unmerge with."""
+        norm = None
         if self.use_dora:
-            w, a, b = self.linear.weight, self.lora_A, self.lora_B
-            self._dora_norm = dora.weight_norm(w, a, b, self.scaling)
-        self.linear.weight.copy_(result)
+            norm = dora.weight_norm(self.linear.weight, self.lora_A, self.lora_B, self.scaling)
+        self.linear.weight.copy_(self._merged_weight(1, norm))
+        self._dora_norm = norm
         self.merged = True
 
     @torch.no_grad()

@@ -277,3 +277,22 @@ def test_mixed_dora_layers_are_refused_on_save(tmp_path):
     with pytest.raises(ValueError, match="mix use_dora"):
         save_peft_adapter(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_dora_over_an_empty_input_dimension_computes_what_the_reference_does(dropout):
+    """K = 0 (nn.Linear takes it): the dropout mask is drawn for the rows, counted, not -1 (a
+    crash before). Every row norm is 0 and so is the magnitude: c = 0 / 0, NaN, in the
+    reference too."""
+    from lora_kernels import LoRALayer
+
+    layer = LoRALayer(0, 4, rank=2, dropout=dropout, init="seed", use_dora=True).train()
+    x = torch.randn(2, 3, 0, requires_grad=True)
+    y = layer(x)
+    ref = dora_linear_reference(
+        x.detach().double(), layer.weight.double(), layer.bias.double(), layer.lora_A.double(),
+        layer.lora_B.double(), layer.magnitude.double(), layer.scaling,
+    )  # fmt: skip
+    assert y.shape == ref.shape and torch.equal(y.isnan(), ref.isnan()) and ref.isnan().all()
+    y.sum().backward()
+    assert x.grad.shape == x.shape
