@@ -52,11 +52,49 @@ def _zero_at(block: torch.Tensor, drops: torch.Tensor) -> torch.Tensor:
     return block.view(-1).index_fill_(0, drops, 0).view(block.shape)
 
 
+def lora_dtype(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the LoRA branch computes in: ``x``'s, unless the adapters' has the wider range
+    (float16 ``x``, float32 or bfloat16 adapters): then theirs, as peft computes it, so a LoRA
+    intermediate past float16's 65504 stays finite where the adapters' dtype holds it."""
+    if x_dtype == torch.float16 and adapter_dtype != torch.float16:  # (bfloat16: float32's range)
+        return adapter_dtype
+    return x_dtype
+
+
+def _forward_branch(x: torch.Tensor, adapter_dtype: torch.dtype) -> torch.dtype:
+    """``lora_dtype`` for forward, where under ``torch.autocast`` autocast's dtype rules the
+    products (as in peft's branch): then ``x``'s (already autocast's), with no wider copy."""
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return x.dtype
+    return lora_dtype(x.dtype, adapter_dtype)
+
+
 def forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
     """``x (M, K) -> (y (M, N), S (M, r))`` with ``y = x W^T + b + scaling * S B``, for ``W
-    (N, K)``, ``b (N,) | None``, ``A (K, r)``, ``B (r, N)`` (adapters of another dtype compute in
-    ``x``'s) and a dropout ``seed`` (an int or a 0-d tensor)."""
-    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    (N, K)``, ``b (N,) | None``, ``A (K, r)``, ``B (r, N)`` and a dropout ``seed`` (an int or a
+    0-d tensor). Adapters of another dtype compute in ``x``'s, or in theirs where its range is
+    wider (``lora_dtype``: ``x`` cast to it, ``S`` in it)."""
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    branch = _forward_branch(x, lora_A.dtype)
+    if branch != x.dtype:
+        S = _lora_down(x.to(branch), lora_A, dropout_p, seed)
+        # (float16 y: the float32 update added in float32 and rounded once, as peft does)
+        y.add_((S @ lora_B.to(branch)).mul_(scaling))
+        return y, S
+    S = _lora_down(x, lora_A.to(x.dtype), dropout_p, seed)
+    lora_B = lora_B.to(x.dtype)
+    if scaling == 0.0:
+        # NOTE: BLAS skips the product at alpha 0, so a NaN or inf in S B would vanish; the
+        # math (and the reference, and the kernels) give 0 * NaN = NaN.
+        y.add_(S @ lora_B, alpha=0.0)
+    else:
+        y.addmm_(S, lora_B, alpha=scaling)
+    return y, S
+
+
+def _lora_down(x, lora_A, dropout_p: float, seed):
+    """``S = dropout(x) A`` (``x`` and ``A`` of one dtype)."""
     if dropout_p > 0.0:
         m, k = x.shape
         if not _eager_cpu(x):
@@ -70,14 +108,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, s
         S.mul_(1.0 / (1.0 - dropout_p))
     else:
         S = x @ lora_A
-    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-    if scaling == 0.0:
-        # NOTE: BLAS skips the product at alpha 0, so a NaN or inf in S B would vanish; the
-        # math (and the reference, and the kernels) give 0 * NaN = NaN.
-        y.add_(S @ lora_B, alpha=0.0)
-    else:
-        y.addmm_(S, lora_B, alpha=scaling)
-    return y, S
+    return S
 
 
 def backward(dy, x, weight, lora_A, lora_B, S, scaling: float, dropout_p: float, seed, needs):
@@ -85,27 +116,34 @@ def backward(dy, x, weight, lora_A, lora_B, S, scaling: float, dropout_p: float,
 
     ``needs`` is ``ctx.needs_input_grad`` for ``(x, weight, bias, lora_A, lora_B)``. ``x`` may be
     ``None`` when neither ``dA`` nor ``dW`` is needed, ``S`` when ``dB`` is not. ``dA`` and
-    ``dB`` come back in the adapters' own dtype.
+    ``dB`` come back in the adapters' own dtype; the LoRA branch's terms are computed in
+    forward's ``lora_dtype``.
     """
     need_x, need_w, need_b, need_a, need_lb = needs
     adapter_dtype = lora_A.dtype
-    lora_A, lora_B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
+    branch = lora_dtype(dy.dtype, adapter_dtype)
+    lora_A, lora_B = lora_A.to(branch), lora_B.to(branch)
+    dy_b = dy.to(branch)  # (dy itself unless the branch is wider)
     dx = dw = db = da = dlb = None
     if need_x or need_a:
         dropout = dropout_p > 0.0
         # NOTE: scaling (and dropout's 1 / (1 - p)) folded into dS (M x r) once: dx and dA both
         # take it from there.
         factor = scaling / (1.0 - dropout_p) if dropout else scaling
-        dS = (dy @ lora_B.t()).mul_(factor)
+        dS = (dy_b @ lora_B.t()).mul_(factor)
         if dropout:
             dx, da = _dropout_dx_da(dy, weight, dS, x, lora_A, dropout_p, seed, need_x, need_a)
         else:
             if need_x:
-                dx = (dy @ weight).addmm_(dS, lora_A.t())
+                dx = dy @ weight
+                if branch == dx.dtype:
+                    dx.addmm_(dS, lora_A.t())
+                else:
+                    dx.add_(dS @ lora_A.t())
             if need_a:
-                da = x.t() @ dS
+                da = x.t().to(branch) @ dS
     if need_lb:
-        dlb = (S.t() @ dy).mul_(scaling)
+        dlb = (S.t().to(branch) @ dy_b).mul_(scaling)
     if need_w:
         dw = dy.t() @ x
     if need_b:
@@ -137,7 +175,7 @@ def _dropout_dx_da(
     if not _eager_cpu(dS):
         keep = keep_mask((m, k), dropout_p, seed, dS.device)
         dx = (dy @ weight).add_((dS @ lora_A.t()).mul_(keep)) if need_x else None
-        return dx, (x * keep).t() @ dS if need_a else None
+        return dx, (x * keep).t().to(dS.dtype) @ dS if need_a else None
     # Blocks of rows: the masked pieces stay in cache. dA sums the blocks' products in a fixed
     # order, in fp32 for 16-bit inputs (as one 16-bit GEMM does). NOTE: dY W stays one GEMM: a
     # GEMM per block accumulating onto its masked piece (no add_ pass over dx) measured slower
@@ -179,26 +217,28 @@ def backward_differentiable(
     regenerated from the seed: a constant too."""
     need_x, need_w, need_b, need_a, need_lb = needs
     adapter_dtype = lora_A.dtype
-    A, B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
+    branch = lora_dtype(dy.dtype, adapter_dtype)  # as forward computed the LoRA branch
+    A, B, dy_b = lora_A.to(branch), lora_B.to(branch), dy.to(branch)
     factor = None  # dropout's 0 or 1 / (1 - p) per element of x
     if dropout_p > 0.0:
         keep = keep_mask((dy.shape[0], A.shape[0]), dropout_p, seed, dy.device)
-        factor = keep.to(dy.dtype) / (1.0 - dropout_p)
+        factor = keep.to(branch) / (1.0 - dropout_p)
     dx = dw = db = da = dlb = None
-    dS = (dy @ B.t()) * scaling
+    dS = (dy_b @ B.t()) * scaling
     if need_x:
         lora_dx = dS @ A.t()
-        dx = dy @ weight + (lora_dx if factor is None else lora_dx * factor)
-    x_drop = None if x is None else (x if factor is None else x * factor)
+        dx = (dy @ weight + (lora_dx if factor is None else lora_dx * factor)).to(dy.dtype)
+    x_b = None if x is None else x.to(branch)
+    x_drop = None if x is None else (x_b if factor is None else x_b * factor)
     if need_a:
         da = (x_drop.t() @ dS).to(adapter_dtype)
     if need_lb:
         if x_drop is not None:
-            dlb = (x_drop @ A).t() @ dy * scaling
+            dlb = (x_drop @ A).t() @ dy_b * scaling
         elif s_scaled:  # the Triton path's T = s S, float32
             dlb = S.t() @ dy.to(S.dtype)
         else:
-            dlb = S.t() @ dy * scaling
+            dlb = S.t() @ dy.to(S.dtype) * scaling
         dlb = dlb.to(adapter_dtype)
     if need_w:
         dw = dy.t() @ x

@@ -89,6 +89,35 @@ def test_float32_adapters_on_a_16bit_layer(backend, dtype, p):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_float32_adapters_keep_their_range_over_float16(backend, p):
+    """float16 activations, float32 adapters, a LoRA intermediate ``x A`` past float16's 65504
+    (here ~2.6e5) and an output within it: both paths follow the float32 adapters' range, as
+    peft does (it was inf / NaN here): output and every gradient finite, the float64 oracle's."""
+    dev = DEVICE[backend]
+    leaves, dy = inputs((backend, p, "range"), torch.float16, torch.float16, torch.float32, dev)
+    with torch.no_grad():
+        leaves["x"].mul_(30)
+        leaves["lora_A"].mul_(3000)
+        leaves["lora_B"].mul_(1e-3)
+    s_ab = leaves["x"].double() @ leaves["lora_A"].double()
+    assert s_ab.abs().max() > 2 * 65504  # the case: an intermediate float16 can't hold
+    seed, scaling = 11, 0.5
+    y = lora_linear(*leaves.values(), scaling, dropout_p=p, seed=seed, backend=backend)
+    y.backward(dy)
+    assert y.dtype == torch.float16
+    mask = read_mask(*leaves["x"].shape, p, seed, backend) if p else None
+    # the oracle on the tensors as given (the adapters' float32 values, unrounded)
+    y_ref, grads_ref = reference(leaves, dy, torch.float32, scaling, mask, p)
+    assert y_ref.abs().max() < 65504 / 2
+    tol = TOL[backend][torch.float16]
+    assert_close("y", y, y_ref, tol)
+    for name in NAMES:
+        assert leaves[name].grad.dtype == leaves[name].dtype, name
+        assert_close(f"d{name}", leaves[name].grad, grads_ref[name], tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_16bit_adapters_on_a_float32_layer(backend):
     """The other way round: the LoRA branch computes in x's float32."""
     dev = DEVICE[backend]

@@ -149,15 +149,42 @@ def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _fp16_fit(v, AXIS: tl.constexpr):
+    """``(scale, inv)``: a power of two per row (``AXIS`` 1) or column (``AXIS`` 0) of the fp32
+    tile ``v`` bringing it under ``2**15`` in magnitude (``v * inv``), and its inverse; 1 where
+    it already is (and for inf / NaN, which pass as they are). Built from the exponent bits, so
+    both are exact and multiplying by them loses nothing."""
+    big = tl.max(tl.abs(v), axis=AXIS)
+    e = (big.to(tl.uint32, bitcast=True) >> 23) & 0xFF  # big < 2 ** (e - 126)
+    # NOTE: float16's largest finite value is 65504; 142 is the biased exponent of 2**15.
+    over = (e >= 142) & (e < 255)
+    # scale = 2 ** (e - 127 - 14), inv = 2 ** (127 - (e - 141)): |v| * inv < 2 ** 15
+    e = tl.where(over, e, 142)
+    scale = tl.where(over, ((e - 14) << 23).to(tl.float32, bitcast=True), 1.0)
+    inv = tl.where(over, ((268 - e) << 23).to(tl.float32, bitcast=True), 1.0)
+    return scale, inv
+
+
+@triton.jit
 def mma_f32_lhs(a_f32, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``acc + a_f32 @ b`` where ``a_f32`` is an fp32 accumulator tile and ``b`` is an input tile.
 
     NOTE: for 16-bit ``b``, ``a_f32`` is split into ``hi + lo`` in ``b``'s dtype and multiplied
     twice, so the LoRA intermediate keeps ~16 mantissa bits instead of being rounded to 8 (bf16)
     or 11 (fp16) before the second product. The extra dot is ``r / K`` of the main GEMM's work.
+    float16 b: rows of ``a_f32`` past float16's range are scaled down by a power of two first
+    (``acc``'s rows with them, and back after: exact), so the LoRA intermediate keeps float32's
+    range, as float32 adapters promise (peft computes that branch in float32).
     """
     if b.dtype == a_f32.dtype:
         return mma(a_f32, b, acc, PRECISION, UPCAST)
+    elif b.dtype == tl.float16:
+        scale, inv = _fp16_fit(a_f32, 1)
+        a_f32 = a_f32 * inv[:, None]
+        a_hi = a_f32.to(b.dtype)
+        a_lo = (a_f32 - a_hi.to(a_f32.dtype)).to(b.dtype)
+        acc = mma(a_hi, b, acc * inv[:, None], PRECISION, UPCAST)
+        return mma(a_lo, b, acc, PRECISION, UPCAST) * scale[:, None]
     else:
         a_hi = a_f32.to(b.dtype)
         a_lo = (a_f32 - a_hi.to(a_f32.dtype)).to(b.dtype)
@@ -167,9 +194,17 @@ def mma_f32_lhs(a_f32, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def mma_f32_rhs(a, b_f32, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc + a @ b_f32``: ``mma_f32_lhs`` with the float32 operand on the right."""
+    """``acc + a @ b_f32``: ``mma_f32_lhs`` with the float32 operand on the right (float16
+    ``a``: its columns scaled, with ``acc``'s)."""
     if a.dtype == b_f32.dtype:
         return mma(a, b_f32, acc, PRECISION, UPCAST)
+    elif a.dtype == tl.float16:
+        scale, inv = _fp16_fit(b_f32, 0)
+        b_f32 = b_f32 * inv[None, :]
+        b_hi = b_f32.to(a.dtype)
+        b_lo = (b_f32 - b_hi.to(b_f32.dtype)).to(a.dtype)
+        acc = mma(a, b_hi, acc * inv[None, :], PRECISION, UPCAST)
+        return mma(a, b_lo, acc, PRECISION, UPCAST) * scale[None, :]
     else:
         b_hi = b_f32.to(a.dtype)
         b_lo = (b_f32 - b_hi.to(b_f32.dtype)).to(a.dtype)
