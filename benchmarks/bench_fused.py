@@ -5,12 +5,15 @@
     python benchmarks/bench_fused.py --quick    # tiny shapes, a few repetitions (CI smoke run)
     python benchmarks/bench_fused.py --shape 8192x4096x4096x16 --dtype bfloat16   # chosen rows
     python benchmarks/bench_fused.py --base nf4  # over a bitsandbytes NF4 base (QLoRA), vs peft
+    python benchmarks/bench_fused.py --dora      # DoRA: ours and peft's use_dora=True, same weights
     pytest benchmarks/bench_fused.py            # the CPU small shape under pytest-benchmark
 
 Providers share the same weights and inputs: ``lora_kernels`` (``LoRALayer``: Triton kernels on
 CUDA, the torch path on CPU), ``reference`` (the seeds' plain PyTorch formula, with
 ``F.dropout`` on the LoRA branch), ``peft`` (peft's LoRA ``Linear``, when installed) and
-``linear`` (the frozen ``nn.Linear`` alone, the floor). Modes: forward (autograd recording),
+``linear`` (the frozen ``nn.Linear`` alone, the floor). With ``--dora`` the LoRA providers are
+DoRA layers (``use_dora=True``, peft's magnitudes copied into ours), beside ``lora_kernels_lora``
+and ``peft_lora``, the same adapters without DoRA. Modes: forward (autograd recording),
 backward, forward+backward; x requires grad, the base weight is frozen; LoRA dropout 0 and 0.1.
 
 Timing: on CUDA, ``triton.testing.do_bench`` (median of CUDA-event timings after warm-up); on
@@ -60,6 +63,9 @@ CPU_TARGETS = {
     ("linear", 0.0): 1.15,
     ("linear", 0.1): 1.4,
 }
+# Issue 26's DoRA targets (fwd+bwd, CPU fp32 at the run's largest shape): ours / peft's DoRA at
+# dropout 0 and 0.1, ours DoRA / ours LoRA at dropout 0.
+DORA_TARGETS = {("peft", 0.0): 0.85, ("peft", 0.1): 0.85, ("lora_kernels_lora", 0.0): 1.15}
 # The design's GPU target (roofline.TARGETS): fwd+bwd at the target shape, bf16.
 GPU_TARGET = {
     "shape": roofline.TARGET_SHAPE,
@@ -99,10 +105,15 @@ def quantized_base(linear: nn.Linear, dtype, device) -> nn.Module:
     return layer.to(device).requires_grad_(False)  # bitsandbytes quantizes on the move
 
 
-def build_providers(shape, dtype, device, dropout, base_kind="16bit") -> dict[str, nn.Module]:
+def build_providers(
+    shape, dtype, device, dropout, base_kind="16bit", dora=False
+) -> dict[str, nn.Module]:
     """Every provider over the same frozen weight and the same (non-zero) LoRA factors; with
     ``base_kind="nf4"`` the frozen weight is a bitsandbytes NF4 ``Linear4bit`` for all of them
-    (``linear`` is bitsandbytes' layer alone, ``peft`` peft's QLoRA layer over it)."""
+    (``linear`` is bitsandbytes' layer alone, ``peft`` peft's QLoRA layer over it). ``dora``:
+    ``lora_kernels`` and ``peft`` are DoRA layers (``dora_providers``)."""
+    if dora:
+        return dora_providers(shape, dtype, device, dropout)
     m, k, n, r = shape
     gen = torch.Generator().manual_seed(0)
     base = nn.Linear(k, n, device=device, dtype=dtype).requires_grad_(False)
@@ -143,6 +154,40 @@ def build_providers(shape, dtype, device, dropout, base_kind="16bit") -> dict[st
         providers["peft"] = peft_model
     else:
         providers["peft"] = peft_model.to(device, dtype)
+    return providers
+
+
+def dora_providers(shape, dtype, device, dropout) -> dict[str, nn.Module]:
+    """DoRA: ``lora_kernels`` (``LoRALayer(use_dora=True)``) and ``peft`` (``use_dora=True``)
+    with the same adapters and magnitudes, the same LoRA layers without DoRA
+    (``lora_kernels_lora``, ``peft_lora``), and the frozen ``linear``."""
+    lora = build_providers(shape, dtype, device, dropout)
+    base, ours_lora = lora["linear"], lora["lora_kernels"]
+    r = shape[3]
+    ours = LoRALayer.from_linear(
+        copy.deepcopy(base), rank=r, alpha=2 * r, dropout=dropout, adapter_dtype=dtype,
+        use_dora=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        ours.lora_A.copy_(ours_lora.lora_A)
+        ours.lora_B.copy_(ours_lora.lora_B)
+    providers = {"lora_kernels": ours, "lora_kernels_lora": ours_lora}
+    if "peft" in lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = nn.Sequential()
+        model.add_module("proj", copy.deepcopy(base))
+        config = LoraConfig(
+            r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["proj"], use_dora=True
+        )
+        peft_model = get_peft_model(model, config).to(device, dtype)
+        layer = peft_model.base_model.model.proj
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(ours.lora_A.t())
+            layer.lora_B["default"].weight.copy_(ours.lora_B.t())
+            ours.magnitude.copy_(layer.lora_magnitude_vector["default"].weight)
+        providers.update(peft=peft_model, peft_lora=lora["peft"])
+    providers["linear"] = base
     return providers
 
 
@@ -200,9 +245,11 @@ def time_cuda(providers, mode, xs, dy, reps) -> dict[str, float]:
     return out
 
 
-def run_config(shape, dtype, device, dropout, reps, warmup, base_kind="16bit") -> list[dict]:
+def run_config(
+    shape, dtype, device, dropout, reps, warmup, base_kind="16bit", dora=False
+) -> list[dict]:
     m, k, n, r = shape
-    providers = build_providers(shape, dtype, device, dropout, base_kind)
+    providers = build_providers(shape, dtype, device, dropout, base_kind, dora)
     gen = torch.Generator().manual_seed(1)
     xs = [
         torch.randn(m, k, generator=gen).to(device, dtype).requires_grad_(True)
@@ -241,6 +288,8 @@ def run_config(shape, dtype, device, dropout, reps, warmup, base_kind="16bit") -
                 model = "peft"  # the CPU torch path runs the unfused op sequence too
             flops = sum(f for _, f, _ in roofline.kernels(flops_of, roof, mode))
             nbytes = sum(b for _, _, b in roofline.kernels(model, roof, mode))
+            if dora:  # (the roofline models LoRA's work only)
+                flops = nbytes = None
             rows.append(
                 {
                     "M": m,
@@ -249,13 +298,16 @@ def run_config(shape, dtype, device, dropout, reps, warmup, base_kind="16bit") -
                     "r": r,
                     "dtype": str(dtype).replace("torch.", ""),
                     "base": base_kind,
+                    "dora": dora,
                     "dropout": dropout,
                     "mode": mode,
                     "provider": name,
                     "median_ms": seconds * 1e3,
-                    "tflops": flops / seconds / 1e12,
+                    "tflops": flops / seconds / 1e12 if flops is not None else None,
                     # the roofline's byte model is for 16-bit and fp32 weights only
-                    "gbps": nbytes / seconds / 1e9 if base_kind == "16bit" else None,
+                    "gbps": nbytes / seconds / 1e9
+                    if base_kind == "16bit" and nbytes is not None
+                    else None,
                     "vs_linear": seconds / times["linear"],
                     "vs_peft": seconds / times["peft"] if "peft" in times else None,
                     "saved_bytes": memory[name]["saved_bytes"],
@@ -269,16 +321,17 @@ def run_config(shape, dtype, device, dropout, reps, warmup, base_kind="16bit") -
 
 def format_rows(rows) -> str:
     head = f"{'M':>5} {'K':>5} {'N':>5} {'r':>3} {'dtype':8} {'drop':>4} {'mode':8} "
-    head += f"{'provider':13} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>7} {'vs linear':>9} "
+    head += f"{'provider':17} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>7} {'vs linear':>9} "
     head += f"{'vs peft':>8} {'saved MiB':>9} {'beyond x':>9}"
     lines = [head]
     for r in rows:
         vs_peft = f"{r['vs_peft']:7.2f}x" if r["vs_peft"] is not None else f"{'-':>8}"
         gbps = f"{r['gbps']:7.1f}" if r.get("gbps") is not None else f"{'-':>7}"
+        tflops = f"{r['tflops']:8.3f}" if r.get("tflops") is not None else f"{'-':>8}"
         dtype = r["dtype"] if r.get("base", "16bit") == "16bit" else f"{r['base']}/{r['dtype']}"
         lines.append(
             f"{r['M']:5d} {r['K']:5d} {r['N']:5d} {r['r']:3d} {dtype:8} {r['dropout']:4.1f} "
-            f"{r['mode']:8} {r['provider']:13} {r['median_ms']:9.3f} {r['tflops']:8.3f} "
+            f"{r['mode']:8} {r['provider']:17} {r['median_ms']:9.3f} {tflops} "
             f"{gbps} {r['vs_linear']:8.2f}x {vs_peft} "
             f"{r['saved_bytes'] / 2**20:9.2f} {r['saved_beyond_x'] / 2**20:9.2f}"
         )
@@ -293,6 +346,8 @@ def check_targets(rows, device, device_name: str = "") -> list[str]:
     ours = [r for r in ours if r.get("base", "16bit") == "16bit"]  # the targets' base
     if not ours:
         return lines
+    if any(r.get("dora") for r in ours):
+        return dora_targets(rows, ours)
     if device.type == "cpu":
         biggest = max((r["M"] * r["K"] * r["N"], r["M"]) for r in ours)[1]
         for (other, p), bound in CPU_TARGETS.items():
@@ -327,6 +382,35 @@ def check_targets(rows, device, device_name: str = "") -> list[str]:
             f"target: saved beyond x <= S ({r['S_bytes']} B) at M={r['M']} dropout {r['dropout']}:"
             f" {r['saved_beyond_x']} B, {verdict}"
         )
+    return lines
+
+
+def dora_targets(rows, ours) -> list[str]:
+    """Issue 26's DoRA targets beside this run's fwd+bwd ratios at its largest shape, and the
+    bytes each DoRA layer saves for backward."""
+    lines = []
+    biggest = max((r["M"] * r["K"] * r["N"], r["M"]) for r in ours)[1]
+    times = {
+        (r["provider"], r["dropout"]): r["median_ms"]
+        for r in rows
+        if r["M"] == biggest and r["mode"] == "fwd+bwd"
+    }
+    for (other, p), bound in DORA_TARGETS.items():
+        if (other, p) not in times:
+            lines.append(f"DoRA target vs {other} at dropout {p}: <= {bound}x: {other} missing")
+            continue
+        ratio = times[("lora_kernels", p)] / times[(other, p)]
+        verdict = "met" if ratio <= bound else "MISSED"
+        lines.append(
+            f"DoRA target: fwd+bwd lora_kernels DoRA / {other} at dropout {p} <= {bound}x "
+            f"(M={biggest}): measured {ratio:.2f}x, {verdict}"
+        )
+    for r in rows:
+        if r["mode"] == "fwd+bwd" and r["provider"] in ("lora_kernels", "peft"):
+            lines.append(
+                f"saved for backward, {r['provider']} DoRA, M={r['M']} dropout {r['dropout']}: "
+                f"{r['saved_bytes']} B ({r['saved_beyond_x']} B beyond x)"
+            )
     return lines
 
 
@@ -433,6 +517,11 @@ def main(argv=None) -> int:
         help="the frozen base: 16bit (nn.Linear, the default) or nf4 (bitsandbytes' Linear4bit, "
         "the QLoRA base; needs bitsandbytes); repeatable",
     )
+    parser.add_argument(
+        "--dora",
+        action="store_true",
+        help="DoRA layers (use_dora=True): ours and peft's, beside the same LoRA layers",
+    )
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results directory")
     parser.add_argument("--name", default=None, help="file stem of the JSON / PNG results")
@@ -453,13 +542,15 @@ def main(argv=None) -> int:
     print(f"device: {env['device_name']} ({env['device']}, {env['cpu_threads']} CPU threads), "
           f"torch {env['torch']}, triton {env['triton']}, peft {env['peft']}")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"bench_{device.type}"
+    stem = args.name or f"bench_{device.type}" + ("_dora" if args.dora else "")
     rows = []
     for base_kind in args.base or ("16bit",):
         for shape in shapes:
             for dtype in dtypes:
                 for dropout in DROPOUTS:
-                    rows += run_config(shape, dtype, device, dropout, reps, warmup, base_kind)
+                    rows += run_config(
+                        shape, dtype, device, dropout, reps, warmup, base_kind, args.dora
+                    )
                     write_json(args.out / f"{stem}.json", {"environment": env, "rows": rows})
     print(format_rows(rows))
     print("\n".join(check_targets(rows, device, env["device_name"])))

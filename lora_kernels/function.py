@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from . import dora, quant, torch_path, tune
-from .dropout import keep_mask
 from .validation import SEED_LIMIT, validate
 
 
@@ -274,6 +273,134 @@ def lora_linear(
     )
 
 
+class DoRALinearFunction(torch.autograd.Function):
+    """DoRA: ``y = x W^T + b + (c - 1) (x_d W^T) + c s (x_d A) B`` with ``c = m / n``, ``n`` a
+    constant (``dora.weight_norm``, detached as in peft).
+
+    ``apply(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling=1.0, dropout_p=0.0,
+    seed=None, backend="auto")``, shapes as in :func:`dora_linear`, ``norm`` ``(N,)``.
+
+    Without dropout, ``y = c z + b`` with ``z = x W^T + s (x A) B``: one fused launch on the
+    Triton path (the column scale and the bias in the kernel's epilogue). Saved beyond what
+    :class:`LoRALinearFunction` keeps: ``z`` (``(M, N)`` in ``x``'s dtype, only when the
+    magnitude requires grad: ``dm = sum_rows(dY z) / n`` needs it, and it spares a second GEMM),
+    ``c`` and ``n`` (``(N,)``). Backward folds ``c`` into ``dY``: on the Triton path into the
+    dx pass's ``dY`` tiles and ``dB``'s float32 sum (``dz = dY c`` is never stored); on the
+    torch path ``dz`` is one ``(M, N)`` product.
+
+    With dropout (PyTorch ops on every backend: ``torch_path.dora_dropout_forward``): saved
+    ``x``, ``S = x_d A`` and ``U = mask(x) W^T`` (``(M, N)``, for ``dm`` only), the seed (the
+    mask is regenerated, never stored). Double backward: refused.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling=1.0, dropout_p=0.0,
+        seed=None, backend="auto",
+    ):  # fmt: skip
+        requested = backend
+        backend = validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+        scaling, dropout_p = float(scaling), float(dropout_p)
+        n_out, k_in = weight.shape
+        x2 = x.reshape(_rows(x.shape), k_in)
+        need_x, need_w, _, need_a, need_lb, need_m = ctx.needs_input_grad[:6]
+        acc = dora.accumulation_dtype(x.dtype)
+        c = magnitude.detach().to(acc) / norm.to(acc)
+        ctx.x_shape, ctx.scaling, ctx.dropout_p = x.shape, scaling, dropout_p
+        ctx.magnitude_dtype = magnitude.dtype
+        out_shape = (*x.shape[:-1], n_out)
+        if dropout_p > 0.0:
+            if seed is None:
+                seed = draw_seed()
+            y2, S, U = torch_path.dora_dropout_forward(
+                x2, weight, bias, lora_A, lora_B, c, scaling, dropout_p, seed
+            )
+            ctx.save_for_backward(
+                x, weight, lora_A, lora_B, S if (need_lb or need_m) else None,
+                U if need_m else None, c, norm,
+            )  # fmt: skip
+            ctx.seed, ctx.plan = seed, None
+            return y2 if y2.shape == out_shape else torch.ops.aten._unsafe_view(y2, out_shape)
+        plan = None
+        if backend == "triton" and k_in > 0 and n_out > 0:
+            key = (x2.device, x2.dtype, x2.shape[0], k_in, n_out, lora_A.shape[1], False)
+            plan, _ = tune.dispatch(*key, auto=requested == "auto", four_bit=False)
+        if plan is not None:
+            from . import triton_path
+
+            y2, S, z = triton_path.dora_forward_op(
+                x2, weight, bias, lora_A, lora_B, scaling, c, plan, need_lb, need_m
+            )
+        else:
+            z, S = torch_path.forward(x2, weight, None, lora_A, lora_B, scaling, 0.0, 0)
+            c_x = c.to(x.dtype)
+            if need_m:
+                y2 = z * c_x if bias is None else torch.addcmul(bias, z, c_x)
+            else:  # (z not kept: scaled in place)
+                y2 = z.mul_(c_x) if bias is None else z.mul_(c_x).add_(bias)
+        ctx.save_for_backward(
+            x if (need_a or need_w) else None,
+            weight,
+            lora_A,
+            lora_B,
+            S if need_lb else None,
+            z if need_m else None,
+            c,
+            norm,
+        )
+        ctx.plan = plan
+        # (not a view of y2: see LoRALinearFunction.forward)
+        return y2 if y2.shape == out_shape else torch.ops.aten._unsafe_view(y2, out_shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "double backward (create_graph=True) through a DoRA layer is not supported: its "
+                "backward is not differentiable; use the reference "
+                "(lora_kernels.reference.dora_linear_reference)"
+            )
+        x, weight, lora_A, lora_B, S, z, c, norm = ctx.saved_tensors
+        k_in, n_out = ctx.x_shape[-1], dy.shape[-1]
+        m = _rows(ctx.x_shape)
+        dy2 = dy.reshape(m, n_out)
+        x2 = None if x is None else x.reshape(m, k_in)
+        needs = tuple(ctx.needs_input_grad[:5])
+        if ctx.dropout_p > 0.0:
+            grads = torch_path.dora_dropout_backward(
+                dy2, x2, weight, lora_A, lora_B, S, z, c, norm, ctx.scaling, ctx.dropout_p,
+                ctx.seed, tuple(ctx.needs_input_grad[:6]),
+            )  # fmt: skip
+            dx, dw, db, da, dlb, dm = grads
+            if dm is not None:
+                dm = dm.to(ctx.magnitude_dtype)
+            if dx is not None:
+                dx = dx.reshape(ctx.x_shape)
+            return dx, dw, db, da, dlb, dm, None, None, None, None, None
+        dm = None
+        if ctx.needs_input_grad[5]:  # sum over the rows of dY z, accumulated in c's dtype
+            dm = ((dy2.to(c.dtype) * z.to(c.dtype)).sum(0) / norm.to(c.dtype)).to(
+                ctx.magnitude_dtype
+            )
+        if ctx.plan is not None:
+            from . import triton_path
+
+            grads = triton_path.dora_backward_op(
+                dy2, x2, weight, lora_A, lora_B, S, ctx.scaling, c, ctx.plan, list(needs)
+            )
+            dx, dw, db, da, dlb = (g if need else None for g, need in zip(grads, needs))
+        else:
+            dz = dy2 * c.to(dy2.dtype)
+            through_z = (needs[0], needs[1], False, needs[3], needs[4])
+            dx, dw, _, da, dlb = torch_path.backward(
+                dz, x2, weight, lora_A, lora_B, S, ctx.scaling, 0.0, 0, through_z
+            )
+            db = dy2.sum(0) if needs[2] else None
+        if dx is not None:
+            dx = dx.reshape(ctx.x_shape)
+        return dx, dw, db, da, dlb, dm, None, None, None, None, None
+
+
 def dora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -286,16 +413,18 @@ def dora_linear(
     dropout_p: float = 0.0,
     seed: int | None = None,
     backend: str = "auto",
+    base_sq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DoRA (peft's ``use_dora=True``): ``y = x W^T + b + (c - 1) (x_d W^T) + c s (x_d A) B``
     with ``x_d = dropout(x)``, ``c = magnitude / n`` and ``n`` the row norms of ``W + s (A B)^T``
     (``dora.weight_norm``, factored: no ``(N, K)`` temporary; a constant in backward, as in peft).
 
-    Without dropout this is ``c * lora_linear(x, W, None, A, B, s) + b``: the fused call and a
-    column scale. With dropout the base GEMM runs over ``x`` and ``x_d`` both (peft's semantics),
-    in plain PyTorch ops over :func:`lora_linear`'s mask (from ``seed``, drawn when ``None``).
-    The fused DoRA kernels are not built yet (issue 26). ``magnitude``: ``(N,)``, floating; a
-    4-bit base is refused for now.
+    :class:`DoRALinearFunction`. Without dropout this is ``c * (x W^T + s (x A) B) + b``, one
+    fused launch on the Triton path. With dropout the base GEMM runs over ``x`` and ``x_d`` both
+    (peft's semantics), in PyTorch ops on every backend over the torch path's mask (from
+    ``seed``, drawn when ``None``); fused dropout kernels are not built yet. ``magnitude``:
+    ``(N,)``, floating; ``base_sq``: ``dora.base_row_norms_sq`` of ``weight`` when cached (the
+    layer caches it). A 4-bit base is refused for now.
     """
     if quant.is_4bit(weight):  # (first: a 4-bit weight's shape is its packed bytes')
         raise ValueError("DoRA over a 4-bit base is not supported yet (issue 26)")
@@ -306,16 +435,7 @@ def dora_linear(
     if not magnitude.is_floating_point():
         raise TypeError(f"magnitude must be floating point, got {magnitude.dtype}")
     x, weight, bias = autocast_base(x, weight, bias)
-    norm = dora.weight_norm(weight, lora_A, lora_B, scaling)
-    c = (magnitude / norm.to(magnitude.dtype)).to(x.dtype)
-    if dropout_p == 0.0:
-        y = lora_linear(x, weight, None, lora_A, lora_B, scaling, backend=backend) * c
-        return y if bias is None else y + bias
-    if seed is None:
-        seed = draw_seed()
-    # (the mask of x flattened to 2-D, as LoRALinearFunction draws it; rows counted: K may be 0)
-    keep = keep_mask((_rows(x.shape), x.shape[-1]), dropout_p, seed, x.device).view(x.shape)
-    x_d = x * keep / (1.0 - dropout_p)
-    base = torch.nn.functional.linear(x, weight, bias)
-    lora = (x_d @ lora_A.to(x.dtype)) @ lora_B.to(x.dtype)
-    return base + (c - 1) * torch.nn.functional.linear(x_d, weight) + c * scaling * lora
+    norm = dora.weight_norm(weight, lora_A, lora_B, scaling, base_sq)
+    return DoRALinearFunction.apply(
+        x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, backend
+    )

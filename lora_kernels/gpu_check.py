@@ -17,14 +17,19 @@ short keeps what it measured. A stage whose estimated cost would take the run pa
    tables, the tuned layer, the torch path, peft and the frozen ``nn.Linear``; times, ratios,
    peak memory, and the targets beside them; and the fused kernels alone on the tables' plan
    (TMA descriptors on Hopper) against the same tiles on the pointer kernels.
-3. ``qlora``: a 4-bit base's two strategies (``QLORA_TOKENS`` from 16 to 4096, K = N = 4096,
+3. ``dora``: DoRA (issue 26). Correctness: ``dora_linear`` (dropout 0: the fused launch;
+   0.1: PyTorch ops) against the float64 DoRA oracle, output and the gradients of x, A, B and
+   the magnitude, bf16 / fp16 / fp32, ranks 16 and 64, odd shapes. Then the target shape,
+   forward + backward, dropout 0 and 0.1: our DoRA layer, ours without DoRA, peft's DoRA layer
+   (same weights and magnitudes), peft's LoRA layer and ``nn.Linear``.
+4. ``qlora``: a 4-bit base's two strategies (``QLORA_TOKENS`` from 16 to 4096, K = N = 4096,
    r 16, bf16, forward + backward on a synthetic NF4 weight) beside the 16-bit layer and
    ``nn.Linear``: which strategy the roofline threshold picks and which was faster, per M; the
    tuner's decisions for two 4-bit keys (M 256 and 2048).
-4. ``tuner``: ``lora_kernels.tune`` on the LLM shapes of ``benchmarks/bench_fused.py`` (M 2048
+5. ``tuner``: ``lora_kernels.tune`` on the LLM shapes of ``benchmarks/bench_fused.py`` (M 2048
    and 8192, (K, N) in (4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), r 16): each
    decision and each candidate's time.
-5. ``model``: the end-to-end benchmark (``benchmarks/bench_model.py --preset 1b``: a Llama 3.2
+6. ``model``: the end-to-end benchmark (``benchmarks/bench_model.py --preset 1b``: a Llama 3.2
    1B-shaped Llama and MiniLM, bf16, dropout 0 and 0.1; ``inject_lora``, peft, peft after
    ``patch_peft`` and the frozen floor), cut after ``MODEL_TIME_CAP_S``.
 
@@ -57,8 +62,8 @@ from .function import lora_linear
 from .layer import LoRALayer
 from .reference import lora_linear_reference, relative_errors
 from .roofline import TARGET_SHAPE, TARGETS
-from .testing import dequantize, drawn_mask
-from .timing import layer_call, machine_facts, time_ms, write_json
+from .testing import check_dora_case, dequantize, drawn_mask, peft_layer
+from .timing import fwd_bwd_ms, layer_call, machine_facts, peak_bytes, time_ms, write_json
 
 # --- stage 1: correctness ----------------------------------------------------------------------
 
@@ -295,50 +300,6 @@ class _Functional(nn.Module):
         )
 
 
-def _peft_layer(base: nn.Linear, layer, rank: int):
-    """peft's LoRA ``Linear`` over a copy of ``base`` with ``layer``'s adapters, or ``None``."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        return None
-    import copy
-
-    model = nn.Sequential()
-    model.add_module("proj", copy.deepcopy(base))
-    alpha = layer.scaling * rank
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["proj"])
-    peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
-    proj = peft_model.base_model.model.proj
-    with torch.no_grad():
-        proj.lora_A["default"].weight.copy_(layer.lora_A.t())
-        proj.lora_B["default"].weight.copy_(layer.lora_B.t())
-    return peft_model
-
-
-def _fwd_bwd_ms(module, x, dy) -> float:
-    params = [p for p in module.parameters() if p.requires_grad]
-
-    def step():
-        module(x).backward(dy)
-        x.grad = None
-        for p in params:
-            p.grad = None
-
-    return time_ms(step, x.device)
-
-
-def _peak_bytes(module, x, dy) -> int | None:
-    if x.device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    module(x).backward(dy)
-    torch.cuda.synchronize()
-    x.grad = None
-    return torch.cuda.max_memory_allocated() - before
-
-
 def stage_target(device, shape=TARGET_SHAPE, dtype=torch.bfloat16) -> dict:
     m, k, n, r = shape
     torch.manual_seed(0)
@@ -353,12 +314,12 @@ def stage_target(device, shape=TARGET_SHAPE, dtype=torch.bfloat16) -> dict:
         "torch_path": _Functional(layer, "torch"),
         "linear": base,
     }
-    peft_model = _peft_layer(base, layer, r)
+    peft_model = peft_layer(base, layer, r)
     if peft_model is not None:
         providers["peft"] = peft_model
     results = {}
     for name, module in providers.items():
-        results[name] = {"ms": _fwd_bwd_ms(module, x, dy), "peak_bytes": _peak_bytes(module, x, dy)}
+        results[name] = {"ms": fwd_bwd_ms(module, x, dy), "peak_bytes": peak_bytes(module, x, dy)}
     # The fused kernels alone, forward + backward without autograd: the tables' plan (TMA
     # descriptors on Hopper) against the same tiles on the pointer kernels.
     tables = triton_path.plan_for(device, dtype, r, False)
@@ -373,7 +334,7 @@ def stage_target(device, shape=TARGET_SHAPE, dtype=torch.bfloat16) -> dict:
     }
     key, decision = tune.tune(device, dtype, m, k, n, r)
     tuned = _Functional(layer, "auto")  # the decision just stored: the tuned plan, or torch
-    results["tuned"] = {"ms": _fwd_bwd_ms(tuned, x, dy), "peak_bytes": _peak_bytes(tuned, x, dy)}
+    results["tuned"] = {"ms": fwd_bwd_ms(tuned, x, dy), "peak_bytes": peak_bytes(tuned, x, dy)}
     ms = {name: v["ms"] for name, v in results.items()}
     ratios = {
         "descriptors_vs_pointer": kernels_ms["tables"] / kernels_ms["pointer"],
@@ -401,7 +362,72 @@ def stage_target(device, shape=TARGET_SHAPE, dtype=torch.bfloat16) -> dict:
     }
 
 
-# --- stage 3: a 4-bit base's two strategies over M ----------------------------------------------
+# --- stage 3: DoRA --------------------------------------------------------------------------------
+
+DORA_SHAPES = [((4096,), 4096, 4096), ((17,), 96, 80), ((2, 3), 33, 17)]
+DORA_RANKS = (16, 64)
+DORA_DROPOUTS = (0.0, 0.1)
+
+
+def stage_dora(
+    device,
+    shape=TARGET_SHAPE,
+    dtype=torch.bfloat16,
+    check_shapes=DORA_SHAPES,
+    ranks=DORA_RANKS,
+    dropouts=DORA_DROPOUTS,
+    precisions=None,
+) -> dict:
+    """DoRA's correctness cases, then its target-shape timings (module docstring)."""
+    # (bounds: LoRA's x 2; with dropout PyTorch ops round three terms apart: x 3 in 16 bits)
+    cases = [
+        {"precision": name, **check_dora_case(device, dt, bound, rank, p, lead, k, n)}
+        for name, dt, tf32, tol in precisions or PRECISIONS
+        if not tf32
+        for rank in ranks
+        for p in dropouts
+        for bound in [tol * (3.0 if p and dt != torch.float32 else 2.0)]
+        for lead, k, n in check_shapes
+    ]
+    m, k, n, r = shape
+    torch.manual_seed(0)
+    base = nn.Linear(k, n, device=device, dtype=dtype).requires_grad_(False)
+    x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(m, n, device=device, dtype=dtype)
+    timings = {}
+    for p in dropouts:
+        ours = LoRALayer.from_linear(base, rank=r, alpha=2 * r, dropout=p, use_dora=True)
+        lora = LoRALayer.from_linear(base, rank=r, alpha=2 * r, dropout=p)
+        with torch.no_grad():
+            ours.lora_B.normal_(std=r**-0.5)
+            lora.lora_A.copy_(ours.lora_A)
+            lora.lora_B.copy_(ours.lora_B)
+        providers = {"lora_kernels_dora": ours, "lora_kernels_lora": lora, "linear": base}
+        peft_dora = peft_layer(base, ours, r, dropout=p)
+        if peft_dora is not None:
+            providers["peft_dora"] = peft_dora.train()
+            providers["peft_lora"] = peft_layer(base, lora, r, dropout=p).train()
+        row = {
+            name: {"ms": fwd_bwd_ms(module, x, dy), "peak_bytes": peak_bytes(module, x, dy)}
+            for name, module in providers.items()
+        }
+        ms = {name: v["ms"] for name, v in row.items()}
+        ratios = {"dora_vs_lora": ms["lora_kernels_dora"] / ms["lora_kernels_lora"]}
+        ratios["dora_vs_linear"] = ms["lora_kernels_dora"] / ms["linear"]
+        if "peft_dora" in ms:
+            ratios["dora_vs_peft_dora"] = ms["lora_kernels_dora"] / ms["peft_dora"]
+        timings[str(p)] = {"providers": row, "ratios": ratios}
+    return {
+        "cases": cases,
+        "passed": sum(c["passed"] for c in cases),
+        "failed": sum(not c["passed"] for c in cases),
+        "shape": list(shape),
+        "dtype": str(dtype).removeprefix("torch."),
+        "timings": timings,
+    }
+
+
+# --- stage 4: a 4-bit base's two strategies over M ----------------------------------------------
 
 QLORA_SHAPE = (4096, 4096, 16)  # K, N, r
 QLORA_TOKENS = (16, 64, 256, 512, 1024, 4096)  # around the roofline's threshold (512 on H100)
@@ -431,9 +457,9 @@ def stage_qlora(
         ms = {}
         for strategy in ("in_loop", "buffer"):
             with _four_bit_strategy(strategy):
-                ms[strategy] = _fwd_bwd_ms(_Functional(layer, "triton", packed), x, dy)
-        ms["16bit_fused"] = _fwd_bwd_ms(_Functional(layer, "triton"), x, dy)
-        ms["16bit_linear"] = _fwd_bwd_ms(base, x, dy)
+                ms[strategy] = fwd_bwd_ms(_Functional(layer, "triton", packed), x, dy)
+        ms["16bit_fused"] = fwd_bwd_ms(_Functional(layer, "triton"), x, dy)
+        ms["16bit_linear"] = fwd_bwd_ms(base, x, dy)
         with _four_bit_strategy(""):
             chosen = "in_loop" if triton_path.in_loop(device, dtype, m) else "buffer"
         faster = min(("in_loop", "buffer"), key=ms.get)
@@ -468,7 +494,7 @@ def stage_qlora(
     }
 
 
-# --- stage 4: the tuner on LLM shapes -----------------------------------------------------------
+# --- stage 5: the tuner on LLM shapes -----------------------------------------------------------
 
 TUNER_SHAPES = [
     (m, k, n, 16)
@@ -497,7 +523,7 @@ def stage_tuner(device, shapes=TUNER_SHAPES, dtype=torch.bfloat16) -> dict:
     return {"dtype": str(dtype).removeprefix("torch."), "keys": keys}
 
 
-# --- stage 5: the end-to-end model benchmark ----------------------------------------------------
+# --- stage 6: the end-to-end model benchmark ----------------------------------------------------
 
 BENCH_MODEL = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_model.py"
 
@@ -541,6 +567,7 @@ STAGES = [
         lambda device, out: stage_correctness(device, jobs=CHECK_JOBS, time_cap_s=240),
     ),
     Stage("target", 60, lambda device, out: stage_target(device)),
+    Stage("dora", 45, lambda device, out: stage_dora(device)),
     Stage("qlora", 30, lambda device, out: stage_qlora(device)),
     Stage("tuner", 120, lambda device, out: stage_tuner(device)),
     Stage(

@@ -1,7 +1,8 @@
 """Compile every kernel the package launches for a GPU, without one, and report its machine code.
 
     python -m lora_kernels.inspect [--arch sm_80|sm_89|sm_90|sm_100|sm_120] [--dtype D] [--rank R]
-                                   [--dropout P] [--candidates] [--base nf4] [--json] [--dump DIR]
+                                   [--dropout P] [--candidates] [--base nf4|dora] [--json]
+                                   [--dump DIR]
                                    [--jobs N]
 
 For each arch, dtype and rank, the real forward and backward of the Triton path run under
@@ -88,11 +89,18 @@ def table_plan(arch: str, dtype: torch.dtype, rank: int, dropout_p: float = 0.0)
 
 
 def captured_launches(
-    arch: str, dtype: torch.dtype, rank: int, dropout_p: float = 0.0, plan=None, four_bit=False
+    arch: str,
+    dtype: torch.dtype,
+    rank: int,
+    dropout_p: float = 0.0,
+    plan=None,
+    four_bit=False,
+    dora=False,
 ) -> list:
     """The launches one forward + backward (x, lora_A, lora_B requiring grad) would make, with
     ``plan`` (default: the tables'); ``four_bit``: over a 4-bit W (NF4, blocksize 64) read in
-    the K loop, at ``M_4BIT`` tokens."""
+    the K loop, at ``M_4BIT`` tokens; ``dora``: DoRA's (dropout 0: the column scale ``c`` in
+    the forward's epilogue with ``z`` stored, ``c`` on the dx pass's ``dY`` tiles)."""
     m = M_4BIT if four_bit else M
     meta = {"device": "meta", "dtype": dtype}
     x, dy = torch.empty(m, K, **meta), torch.empty(m, N, **meta)
@@ -102,14 +110,18 @@ def captured_launches(
     lora_A, lora_B = torch.empty(K, rank, **meta), torch.empty(rank, N, **meta)
     if plan is None:
         plan = table_plan(arch, dtype, rank, dropout_p)
+    c = torch.empty(N, device="meta", dtype=torch.float32) if dora else None
+    z = torch.empty(m, N, **meta) if dora else None
     with capture_launches() as launches:
         _, T = triton_path.forward(
-            x, weight, bias, lora_A, lora_B, SCALING, dropout_p, 0, plan=plan
-        )
+            x, weight, bias, lora_A, lora_B, SCALING, dropout_p, 0, plan=plan, col_scale=c,
+            z_out=z,
+        )  # fmt: skip
         needs = (True, False, False, True, True)
         triton_path.backward(
-            dy, x, weight, lora_A, lora_B, T, SCALING, dropout_p, 0, needs, plan=plan
-        )
+            dy, x, weight, lora_A, lora_B, T, SCALING, dropout_p, 0, needs, plan=plan,
+            col_scale=c,
+        )  # fmt: skip
     return launches
 
 
@@ -224,6 +236,12 @@ def inspect_group(
     the 16-bit builds), plus, where ``dequant`` says, the dequantization launch of the buffer
     strategy (after which the 16-bit builds run)."""
     dtype = DTYPES[dtype_name]
+    if base == "dora":  # the two launches DoRA changes (dB's scale is the host's)
+        return [
+            _inspect_launch(launch, arch, dtype_name, rank, dropout_p, "dora", dump)
+            for launch in captured_launches(arch, dtype, rank, dropout_p, dora=True)
+            if launch.kwargs.get("COL_SCALE") or launch.kwargs.get("X_SCALE")
+        ]
     if base == "nf4":
         launches = [
             launch
@@ -343,10 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--base",
-        choices=("16bit", "nf4"),
+        choices=("16bit", "nf4", "dora"),
         default="16bit",
         help="nf4: build the 4-bit base's kernels instead: the fused ones reading it in their "
-        "K loop, and its dequantization kernel (QLoRA; docs/qlora.md)",
+        "K loop, and its dequantization kernel (QLoRA; docs/qlora.md); dora: DoRA's forward "
+        "and dx launches (dropout 0; docs/dora.md)",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
     parser.add_argument("--dump", metavar="DIR", help="write every cubin into DIR")
@@ -356,11 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if env.triton_interpreter_enabled():
         parser.error("TRITON_INTERPRET is set: unset it to compile for GPUs")
+    dropouts = args.dropout or ((0.0,) if args.base == "dora" else DROPOUTS)
+    if args.base == "dora" and any(dropouts):
+        parser.error("--base dora builds dropout 0 only: DoRA with dropout runs PyTorch ops")
     rows = inspect_builds(
         args.arch or sorted(ARCHS),
         args.dtype or list(DEFAULT_DTYPES),
         args.rank or RANKS,
-        args.dropout or DROPOUTS,
+        dropouts,
         args.dump,
         args.jobs,
         args.candidates,

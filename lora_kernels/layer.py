@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import dora, engines, quant
-from .function import lora_linear
+from .function import dora_linear, lora_linear
 from .validation import check_adapter_dtype, check_alpha, check_dropout, check_rank
 
 INITS = ("lora", "gaussian", "seed")
@@ -55,9 +55,12 @@ def lora_forward(
         engines.gather_with(owner, (weight, bias))
     if not quant.is_4bit(weight):
         engines.check_whole(weight, type(owner or base).__name__)
-        return lora_linear(
-            x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, magnitude=magnitude
-        )
+        if magnitude is not None:  # DoRA: the base rows' norms kept while W is unchanged
+            return dora_linear(
+                x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=dropout_p,
+                base_sq=dora.cached_base_sq(weight),
+            )  # fmt: skip
+        return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p)
     dtype = quant.compute_dtype(base, x)
     bias = None if bias is None else bias.to(dtype)
     y = lora_linear(x.to(dtype), weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p)

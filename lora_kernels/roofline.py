@@ -15,6 +15,10 @@ Providers (x requires grad; W, b frozen; A, B trainable; dW, db not computed):
   reference (the seeds' formula) runs the same sequence.
 - ``lora_kernels``: the Triton path's launches (docs/kernels.md), including the ``x A`` dot that
   every column of output tiles repeats (``R / BLOCK_N`` of the base GEMM) and the hi/lo split.
+- DoRA at dropout 0 (``--dora``; docs/dora.md): ``peft_dora``, peft's ops (the norm of the
+  materialized ``W + s B A``, the column scales as separate elementwise ops and their backward,
+  the base output reused); ``lora_kernels_dora``, our launches plus the factored norm's pass
+  over ``W``, ``z``'s store and the magnitude's reduction over ``dY`` and ``z``.
 
 On H100 the launches run the Hopper path (docs/kernels.md): TMA descriptors over a persistent
 grid, 16-bit inputs, all but dx with dropout. That changes no FLOP and no DRAM byte of the model:
@@ -166,11 +170,78 @@ def kernels(provider: str, shape: Shape, mode: str, gpu: str = "H100") -> list[t
             decode = DECODE_OPS * n * k * -(-m // BLOCK_M_4BIT)
             by += (NF4_READ_PER_ELEM - e) * n * k
             out[gemm] = (f"{name} (4-bit W)", fl, by, decode)
+    elif provider in ("lora_kernels_dora", "peft_dora"):
+        return _dora_kernels(provider, shape, mode, gpu)
     else:
         raise ValueError(f"unknown provider {provider!r}")
     if shape.base == "nf4" and not (provider == "lora_kernels" and in_loop):
         out.insert(0, ("dequant W (4-bit -> 16-bit)", 0, int(n * k * (NF4_READ_PER_ELEM + e))))
     return out
+
+
+def _dora_kernels(provider: str, shape: Shape, mode: str, gpu: str) -> list[tuple]:
+    """DoRA's kernels at dropout 0 (16-bit base): ``kernels``' LoRA lists and what DoRA adds."""
+    if shape.dropout or shape.base != "16bit":
+        raise ValueError("the DoRA model is for dropout 0 over a 16-bit base")
+    m, k, n, r, e = shape.tokens, shape.in_features, shape.out_features, shape.rank, shape.elem
+    mn, nk = m * n, n * k
+    out = []
+    if provider == "lora_kernels_dora":
+        out = kernels("lora_kernels", shape, mode, gpu)
+        if mode == "fwd":
+            # the factored norm: one thin pass over W (W A), the base rows' norms cached
+            out.insert(0, ("norm: W A (factored)", 2 * nk * r, e * nk + 4 * n * r))
+            name, fl, by = out[-1][:3]
+            out[-1] = (f"{name} + c, z stored", fl, by + e * mn)
+        else:
+            out.append(("dm = sum(dY z) / n", 2 * mn, 2 * e * mn))
+        return out
+    if mode == "fwd":  # peft's DoRA forward (base result reused at dropout 0)
+        out.append(("base y = x W^T", *_gemm(m, n, k, e)))
+        out.append(("t = x A", *_gemm(m, r, k, e)))
+        out.append(("u = t B", *_gemm(m, n, r, e)))
+        out.append(("B A (materialized)", *_gemm(n, k, r, e)))
+        out.append(("s * (B A)", *_elementwise(nk, e, 1, 1)))
+        out.append(("W + s B A", *_elementwise(nk, e, 2, 1)))
+        out.append(("row norms", *_elementwise(nk, e, 1, 0)))
+        out.append(("(c - 1) * base", *_elementwise(mn, e, 1, 1)))
+        out.append(("c * u", *_elementwise(mn, e, 1, 1)))
+        out.append(("* scaling", *_elementwise(mn, e, 1, 1)))
+        out.append(("dora = a + b", *_elementwise(mn, e, 2, 1)))
+        out.append(("y + dora", *_elementwise(mn, e, 2, 1)))
+    else:
+        out.append(("d(* scaling), d(c * u)", *_elementwise(mn, e, 2, 2)))
+        out.append(("dc: sum(dY u), sum(dY base)", *_elementwise(mn, e, 4, 0)))
+        out.append(("d base = dY + dY (c - 1)", *_elementwise(mn, e, 2, 2)))
+        out.append(("dB = t^T du", *_gemm(r, n, m, e)))
+        out.append(("dt = du B^T", *_gemm(m, r, n, e)))
+        out.append(("dA = x^T dt", *_gemm(k, r, m, e)))
+        out.append(("dx_l = dt A^T", *_gemm(m, k, r, e)))
+        out.append(("dx = dY' W", *_gemm(m, k, n, e)))
+        out.append(("dx += dx_l", *_elementwise(m * k, e, 2, 1)))
+    return out
+
+
+def dora_table(shape: Shape, gpus=("A100", "H100"), modes=("fwd", "bwd", "fwd+bwd")) -> list:
+    """``table``'s rows for DoRA at dropout 0: linear, ours and peft's DoRA, ``vs_peft``
+    against peft's DoRA."""
+    rows = []
+    for gpu in gpus:
+        for mode in modes:
+            preds = {p: predict(p, shape, mode, gpu) for p in DORA_PROVIDERS}
+            for prov, pr in preds.items():
+                rows.append(
+                    {
+                        "gpu": gpu, "M": shape.tokens, "K": shape.in_features,
+                        "N": shape.out_features, "r": shape.rank, "dropout": shape.dropout,
+                        "base": shape.base, "mode": mode, "provider": prov,
+                        "time_ms": pr["time"] * 1e3,
+                        "vs_linear": pr["time"] / preds["linear"]["time"],
+                        "vs_peft": pr["time"] / preds["peft_dora"]["time"],
+                        "kernels": pr["kernels"],
+                    }
+                )  # fmt: skip
+    return rows
 
 
 def predict(provider: str, shape: Shape, mode: str, gpu: str = "H100") -> dict:
@@ -190,6 +261,7 @@ def predict(provider: str, shape: Shape, mode: str, gpu: str = "H100") -> dict:
 
 
 PROVIDERS = ("linear", "lora_kernels", "peft")
+DORA_PROVIDERS = ("linear", "lora_kernels_dora", "peft_dora")
 
 
 def table(shapes, gpus=("A100", "H100"), modes=("fwd", "bwd", "fwd+bwd")) -> list[dict]:
@@ -220,7 +292,7 @@ def table(shapes, gpus=("A100", "H100"), modes=("fwd", "bwd", "fwd+bwd")) -> lis
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = f"{'gpu':5} {'M':>5} {'K':>6} {'N':>6} {'r':>3} {'drop':>4} {'mode':8} {'provider':13}"
+    head = f"{'gpu':5} {'M':>5} {'K':>6} {'N':>6} {'r':>3} {'drop':>4} {'mode':8} {'provider':17}"
     head += f" {'ms (pred.)':>10} {'vs linear':>9} {'vs peft':>8}"
     if any(r.get("base", "16bit") != "16bit" for r in rows):
         head += "  base"
@@ -229,7 +301,7 @@ def format_rows(rows: list[dict]) -> str:
         base = "" if r.get("base", "16bit") == "16bit" else f"  {r['base']}"
         lines.append(
             f"{r['gpu']:5} {r['M']:5d} {r['K']:6d} {r['N']:6d} {r['r']:3d} {r['dropout']:4.1f} "
-            f"{r['mode']:8} {r['provider']:13} {r['time_ms']:10.3f} {r['vs_linear']:8.2f}x "
+            f"{r['mode']:8} {r['provider']:17} {r['time_ms']:10.3f} {r['vs_linear']:8.2f}x "
             f"{r['vs_peft']:7.2f}x{base}"
         )
     return "\n".join(lines)
@@ -245,9 +317,13 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=r)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--base", choices=("16bit", "nf4"), default="16bit")
+    parser.add_argument("--dora", action="store_true", help="DoRA at dropout 0 (vs peft's)")
     args = parser.parse_args(argv)
     shape = Shape(args.tokens, args.k, args.n, args.rank, dropout=args.dropout, base=args.base)
     print("PREDICTION (roofline model, not a measurement): bf16, x requires grad, W frozen")
+    if args.dora:
+        print(format_rows(dora_table(shape, args.gpu or ("A100", "H100"))))
+        return 0
     print(format_rows(table([shape], args.gpu or ("A100", "H100"))))
     return 0
 

@@ -70,6 +70,32 @@ def layer_call(plan, x, weight, bias, lora_A, lora_B, dy, dropout_p) -> None:
         )
 
 
+def fwd_bwd_ms(module, x, dy) -> float:
+    """Milliseconds of ``module(x).backward(dy)`` (``time_ms``), gradients cleared each time."""
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def step():
+        module(x).backward(dy)
+        x.grad = None
+        for p in params:
+            p.grad = None
+
+    return time_ms(step, x.device)
+
+
+def peak_bytes(module, x, dy) -> int | None:
+    """CUDA memory one forward + backward allocates at its peak (``None`` off CUDA)."""
+    if x.device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    module(x).backward(dy)
+    torch.cuda.synchronize()
+    x.grad = None
+    return torch.cuda.max_memory_allocated() - before
+
+
 def machine_facts(device: torch.device) -> dict:
     """What a measurement on ``device`` was taken with: the device (its name, and on CUDA its
     capability, SM count and memory), the CPU threads, the versions (torch, Triton, peft,

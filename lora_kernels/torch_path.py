@@ -95,20 +95,29 @@ def forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, s
 
 def _lora_down(x, lora_A, dropout_p: float, seed):
     """``S = dropout(x) A`` (``x`` and ``A`` of one dtype)."""
-    if dropout_p > 0.0:
-        m, k = x.shape
-        if not _eager_cpu(x):
-            S = (x * keep_mask(x.shape, dropout_p, seed, x.device)) @ lora_A
-        else:
-            rows = _block_rows(k)
-            S, block = x.new_empty(m, lora_A.shape[1]), x.new_empty(min(rows, m), k)
-            for i, j, drops in _dropped_blocks(m, k, rows, dropout_p, seed):
-                torch.mm(_zero_at(block[: j - i].copy_(x[i:j]), drops), lora_A, out=S[i:j])
-        # NOTE: the 1 / (1 - p) of the kept elements is applied to S (M x r), not to x (M x K).
-        S.mul_(1.0 / (1.0 - dropout_p))
-    else:
-        S = x @ lora_A
-    return S
+    if dropout_p == 0.0:
+        return x @ lora_A
+    (S,) = _dropped_mm(x, (lora_A,), dropout_p, seed)
+    # NOTE: the 1 / (1 - p) of the kept elements is applied to S (M x r), not to x (M x K).
+    return S.mul_(1.0 / (1.0 - dropout_p))
+
+
+def _dropped_mm(x, rights, dropout_p: float, seed) -> list[torch.Tensor]:
+    """``[mask(x) @ right for right in rights]``, ``mask(x)`` being ``x`` with the dropped
+    elements zeroed (no ``1 / (1 - p)``): eager CPU calls go through ``x`` in blocks of rows
+    (each copied once, for every product), others multiply by the bool mask."""
+    m, k = x.shape
+    if not _eager_cpu(x):
+        x_kept = x * keep_mask(x.shape, dropout_p, seed, x.device)
+        return [x_kept @ right for right in rights]
+    rows = _block_rows(k)
+    outs = [x.new_empty(m, right.shape[1]) for right in rights]
+    block = x.new_empty(min(rows, m), k)
+    for i, j, drops in _dropped_blocks(m, k, rows, dropout_p, seed):
+        piece = _zero_at(block[: j - i].copy_(x[i:j]), drops)
+        for out, right in zip(outs, rights):
+            torch.mm(piece, right, out=out[i:j])
+    return outs
 
 
 def backward(dy, x, weight, lora_A, lora_B, S, scaling: float, dropout_p: float, seed, needs):
@@ -165,16 +174,22 @@ def _dropout_dx_da(
     seed: int,
     need_x: bool,
     need_a: bool,
+    W_c: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(dx, dA)`` with dropout: ``dx = dY W + mask * (dS A^T)`` when ``need_x``, and
     ``dA = dropout(x)^T dS`` (without the ``1 / (1 - p)``, already in ``dS``) when ``need_a``.
+    DoRA (``W_c``: ``W`` with its rows scaled, ``(N, K)``): the masked term is
+    ``dY W_c + dS A^T``.
 
     The forward's (M, K) mask is regenerated once for both.
     """
     m, k = dS.shape[0], lora_A.shape[0]
     if not _eager_cpu(dS):
         keep = keep_mask((m, k), dropout_p, seed, dS.device)
-        dx = (dy @ weight).add_((dS @ lora_A.t()).mul_(keep)) if need_x else None
+        dx = None
+        if need_x:
+            masked = dS @ lora_A.t() if W_c is None else (dy @ W_c).addmm_(dS, lora_A.t())
+            dx = (dy @ weight).add_(masked.mul_(keep))
         return dx, (x * keep).t().to(dS.dtype) @ dS if need_a else None
     # Blocks of rows: the masked pieces stay in cache. dA sums the blocks' products in a fixed
     # order, in fp32 for 16-bit inputs (as one 16-bit GEMM does). NOTE: dY W stays one GEMM: a
@@ -190,7 +205,11 @@ def _dropout_dx_da(
         if need_a:
             da.addmm_(_zero_at(piece.copy_(x[i:j]), drops).t().to(acc), dS[i:j].to(acc))
         if need_x:
-            dx[i:j].add_(_zero_at(torch.mm(dS[i:j], lora_At, out=piece), drops))
+            if W_c is None:
+                torch.mm(dS[i:j], lora_At, out=piece)
+            else:
+                torch.mm(dy[i:j], W_c, out=piece).addmm_(dS[i:j], lora_At)
+            dx[i:j].add_(_zero_at(piece, drops))
     return dx, da.to(dS.dtype) if need_a else None
 
 
@@ -245,3 +264,61 @@ def backward_differentiable(
     if need_b:
         db = dy.sum(0)
     return dx, dw, db, da, dlb
+
+
+# --- DoRA with dropout (peft's semantics: W under x and under dropout(x)) ----------------------
+
+
+def dora_dropout_forward(x, weight, bias, lora_A, lora_B, c, scaling: float, dropout_p, seed):
+    """DoRA's forward with dropout, ``x (M, K) -> (y, S, U)``:
+
+        y = x W^T + b + (c - 1) / (1 - p) * U + S (B c s),   U = mask(x) W^T,  S = x_d A
+
+    ``c`` ``(N,)`` (accumulation dtype). The column factors go on the thin operands (``B``'s
+    columns) or into one ``addcmul`` over ``U``: no other pass over ``(M, N)``. ``mask(x)`` is
+    made once (in blocks of rows on CPU) for both products. Computed in ``x``'s dtype."""
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    S, U = _dropped_mm(x, (lora_A.to(x.dtype), weight.t()), dropout_p, seed)
+    S.mul_(keep_scale)
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    y.addcmul_(U, ((c - 1) * keep_scale).to(x.dtype))
+    y.addmm_(S, lora_B.to(x.dtype) * (c * scaling).to(x.dtype))
+    return y, S, U
+
+
+def dora_dropout_backward(dy, x, weight, lora_A, lora_B, S, U, c, norm, scaling, dropout_p, seed,
+                          needs):  # fmt: skip
+    """Gradients ``(dx, dW, db, dA, dB, dm)`` of ``dora_dropout_forward`` (``None`` where
+    ``needs`` says no; ``U`` needed for ``dm`` only, ``S`` for ``dB`` and ``dm``):
+
+        G = S^T dY,  dB = G c s,  dm = (sum_rows(dY U) / (1 - p) + s sum_r(B G)) / n
+        dS = dY (B c s)^T / (1 - p),  dA = mask(x)^T dS
+        dx = dY W + mask * (dY (W (c - 1) / (1 - p)) + dS A^T)
+
+    ``dm`` in ``c``'s dtype; ``dA``, ``dB`` in the adapters'."""
+    need_x, need_w, need_b, need_a, need_lb, need_m = needs
+    dtype, acc = dy.dtype, c.dtype
+    adapter_dtype = lora_A.dtype
+    A, B = lora_A.to(dtype), lora_B.to(dtype)
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    cs = (c * scaling).to(dtype)
+    dx = dw = db = da = dlb = dm = None
+    G = S.t() @ dy if (need_lb or need_m) else None
+    if need_lb:
+        dlb = (G * cs).to(adapter_dtype)
+    if need_m:
+        through_u = (dy.to(acc) * U.to(acc)).sum(0) * keep_scale
+        dm = (through_u + scaling * (B.to(acc) * G.to(acc)).sum(0)) / norm.to(acc)
+    if need_x or need_a:
+        dS = (dy @ (B * cs).t()).mul_(keep_scale)
+        W_c = weight * ((c - 1) * keep_scale).to(dtype)[:, None]  # (N, K), W's size
+        dx, da = _dropout_dx_da(dy, weight, dS, x, A, dropout_p, seed, need_x, need_a, W_c)
+        if da is not None:
+            da = da.to(adapter_dtype)
+    if need_w:
+        x_kept = x * keep_mask(x.shape, dropout_p, seed, x.device)  # (unfrozen bases only)
+        dy_c = dy * ((c - 1) * keep_scale).to(dtype)
+        dw = dy.t() @ x + dy_c.t() @ x_kept
+    if need_b:
+        db = dy.sum(0)
+    return dx, dw, db, da, dlb, dm

@@ -21,7 +21,7 @@ import torch
 from . import quant, roofline
 from .kernels import dequant
 from .kernels.common import acc_dtype, alloc
-from .kernels.configs import fused_mm_config, fused_mm_t_config, grad_config
+from .kernels.configs import dora_fwd_config, fused_mm_config, fused_mm_t_config, grad_config
 from .kernels.fused_mm import fused_mm
 from .kernels.lora_grad import lora_grad
 
@@ -189,10 +189,15 @@ def in_loop(device: torch.device, dtype: torch.dtype, m: int, tuned: str = "") -
     return m <= in_loop_max_m(device, dtype)
 
 
-def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *, plan, store_t=True):
+def forward(
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *, plan, store_t=True,
+    col_scale=None, z_out=None,
+):  # fmt: skip
     """``x (M, K) -> (y (M, N), T (M, r) | None)``: one fused launch; two with dropout (a T-only
     pass that generates each mask element once, then the output pass reading T). Adapters of
-    another dtype compute in ``x``'s. ``weight``: ``(N, K)``, or a 4-bit ``quant.Packed``."""
+    another dtype compute in ``x``'s. ``weight``: ``(N, K)``, or a 4-bit ``quant.Packed``.
+    DoRA without dropout: ``col_scale`` (``c``, ``(N,)`` ACC) makes ``y = c z + b`` with
+    ``z = x W^T + s x A B``, stored into ``z_out`` when given (``fused_mm``)."""
     common = {"precision": plan.precision, "upcast": plan.upcast, "num_sms": plan.num_sms}
     lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     t_in = None
@@ -219,10 +224,12 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *, plan, 
         lora_A,
         lora_B,
         scaling,
-        config=plan.fwd_4bit if isinstance(weight, quant.Packed) else plan.fwd,
+        config=_forward_config(plan, weight, col_scale is not None),
         store_t=store_t,
         t_in=t_in,
         name=LAUNCHES["fwd"],
+        col_scale=col_scale,
+        z_out=z_out,
         **common,
     )
     if t_in is not None:
@@ -230,9 +237,21 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *, plan, 
     return y, t
 
 
-def backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, *, plan):
+def _forward_config(plan: Plan, weight, dora: bool) -> dict:
+    """The forward launch's config: the 4-bit one over a 4-bit W, DoRA's (``dora_fwd_config``)
+    for DoRA, else the plan's."""
+    if isinstance(weight, quant.Packed):
+        return plan.fwd_4bit
+    return dora_fwd_config(plan.fwd) if dora else plan.fwd
+
+
+def backward(
+    dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, *, plan, col_scale=None
+):
     """Gradients ``(dx, dW, db, dA, dB)``, ``None`` where ``needs`` says no (see torch_path).
-    ``dA`` and ``dB`` are float32 reductions rounded once, to the adapters' own dtype."""
+    ``dA`` and ``dB`` are float32 reductions rounded once, to the adapters' own dtype. DoRA's
+    ``col_scale`` (``c``): the gradients of ``y = c z + b`` through ``z`` (``dz = dY c``,
+    folded into the dx pass's ``dY`` tiles and into ``dB``'s sum); ``db`` is ``dY``'s."""
     need_x, need_w, need_b, need_a, need_lb = needs
     adapter_dtype = lora_A.dtype
     lora_A, lora_B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
@@ -259,6 +278,7 @@ def backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, 
             dropout_out=dropout_p > 0.0,
             seed=seed,
             name=LAUNCHES["dx"],
+            x_scale=col_scale,
             **common,
         )
     reduce = functools.partial(lora_grad, out_dtype=adapter_dtype, **common)
@@ -273,10 +293,13 @@ def backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, 
             name=LAUNCHES["grad_dA"],
         )
     if need_lb:
-        dlb = reduce(T, dy, transpose_out=False, config=plan.grad_dB, name=LAUNCHES["grad_dB"])
+        dlb = reduce(
+            T, dy, transpose_out=False, config=plan.grad_dB, name=LAUNCHES["grad_dB"],
+            col_scale=col_scale,
+        )  # fmt: skip
     # dW and db only exist for users who unfreeze the base layer: plain cuBLAS / reductions.
     if need_w:
-        dw = dy.t() @ x
+        dw = (dy if col_scale is None else dy * col_scale.to(dy.dtype)).t() @ x
     if need_b:
         # (16-bit sums accumulate in float32; float32 and float64 in their own precision)
         db = dy.sum(0, dtype=torch.promote_types(dy.dtype, torch.float32)).to(dy.dtype)
@@ -412,6 +435,68 @@ def backward_op(
 def _(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, plan, needs, w_scales=None,
       w_code=None, w_meta=None):  # fmt: skip
     (m, n), k, r = dy.shape, w_meta[1] if w_meta else weight.shape[1], lora_A.shape[1]
+    shapes = [(m, k), (n, k), (n,), (k, r), (r, n)]
+    likes = (dy, dy, dy, lora_A, lora_B)
+    return [like.new_empty(s if need else (0,)) for s, like, need in zip(shapes, likes, needs)]
+
+
+@torch.library.custom_op("lora_kernels::dora_forward", mutates_args=())
+def dora_forward_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    col_scale: torch.Tensor,
+    plan: str,
+    store_t: bool,
+    store_z: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DoRA without dropout over a 16-bit W, one launch: ``(y, T, z)`` with ``y = c z + b``,
+    ``z = x W^T + s x A B`` (``c``: ``col_scale``); ``T`` and ``z`` empty when not stored."""
+    z = alloc((x.shape[0], weight.shape[0]), x.dtype, x.device) if store_z else None
+    y, t = forward(
+        x, weight, bias, lora_A, lora_B, scaling, 0.0, 0, plan=plan_from_str(plan),
+        store_t=store_t, col_scale=col_scale, z_out=z,
+    )  # fmt: skip
+    empty = x.new_empty(0)
+    return y, t if t is not None else empty.to(acc_dtype(x.dtype)), z if z is not None else empty
+
+
+@dora_forward_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, col_scale, plan, store_t, store_z):
+    m, n, r = x.shape[0], weight.shape[0], lora_A.shape[1]
+    t = x.new_empty((m, r) if store_t else (0,), dtype=acc_dtype(x.dtype))
+    return x.new_empty((m, n)), t, x.new_empty((m, n) if store_z else (0,))
+
+
+@torch.library.custom_op("lora_kernels::dora_backward", mutates_args=())
+def dora_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor | None,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    T: torch.Tensor | None,
+    scaling: float,
+    col_scale: torch.Tensor,
+    plan: str,
+    needs: List[bool],  # noqa: UP006
+) -> List[torch.Tensor]:  # noqa: UP006
+    """``dora_forward_op``'s gradients through ``z``: ``[dx, dW, db, dA, dB]``, empty where
+    ``needs`` says no (the magnitude's is the caller's: ``sum(dY z) / n``)."""
+    grads = backward(
+        dy, x, weight, lora_A, lora_B, T, scaling, 0.0, 0, tuple(needs),
+        plan=plan_from_str(plan), col_scale=col_scale,
+    )  # fmt: skip
+    likes = (dy, dy, dy, lora_A, lora_B)
+    return [like.new_empty(0) if g is None else g for g, like in zip(grads, likes)]
+
+
+@dora_backward_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, T, scaling, col_scale, plan, needs):
+    (m, n), k, r = dy.shape, weight.shape[1], lora_A.shape[1]
     shapes = [(m, k), (n, k), (n,), (k, r), (r, n)]
     likes = (dy, dy, dy, lora_A, lora_B)
     return [like.new_empty(s if need else (0,)) for s, like, need in zip(shapes, likes, needs)]

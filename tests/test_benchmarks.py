@@ -73,6 +73,26 @@ def test_roofline_reproduces_the_design_figures():
     assert abs(peft * 1e3 - 1.06) < 0.01
 
 
+def test_roofline_models_dora_at_dropout_0(capsys):
+    """DoRA's prediction: ours adds to our LoRA exactly the factored norm's pass over W, z's
+    store and dm's read of dY and z; peft's DoRA adds its materialized norm and column-scale
+    passes to peft's LoRA GEMMs. Dropout (two base GEMMs for anyone) is not modelled: refused."""
+    from lora_kernels import roofline
+
+    shape = roofline.Shape(8192, 4096, 4096, 16)
+    (m, k, n, r), e = roofline.TARGET_SHAPE, 2
+    ours = roofline.predict("lora_kernels_dora", shape, "fwd+bwd", "H100")
+    lora = roofline.predict("lora_kernels", shape, "fwd+bwd", "H100")
+    assert ours["bytes"] - lora["bytes"] == e * n * k + 4 * n * r + e * m * n + 2 * e * m * n
+    peft = roofline.predict("peft_dora", shape, "fwd+bwd", "H100")
+    assert peft["time"] > ours["time"] > lora["time"]
+    with pytest.raises(ValueError, match="dropout 0"):
+        roofline.predict("peft_dora", roofline.Shape(8192, 4096, 4096, 16, dropout=0.1), "fwd")
+    assert roofline.main(["--dora", "--gpu", "H100"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("PREDICTION") and "peft_dora" in out and "lora_kernels_dora" in out
+
+
 def test_roofline_models_the_4bit_strategies():
     """Over an NF4 base: the break-even of the two strategies (docs/qlora.md's table), and our
     provider decoding in the K loop below it (no dequantization kernel, the decoding's lane
@@ -176,3 +196,31 @@ def test_bench_model_quick(tmp_path, capsys):
                 assert agreement["checked"] and agreement["within"], result
     out = capsys.readouterr().out
     assert "loss vs peft" in out and "vs floor" in out
+
+
+def test_bench_fused_dora_quick(tmp_path, capsys):
+    """``--dora``: ours and peft's DoRA layers beside the same LoRA layers and the floor, every
+    mode and dropout; the DoRA targets and saved bytes printed."""
+    pytest.importorskip("peft")
+    bench = load("bench_fused")
+    assert bench.main(["--quick", "--dora", "--out", str(tmp_path), "--name", "qd"]) == 0
+    out = capsys.readouterr().out
+    assert "DoRA target: fwd+bwd lora_kernels DoRA / peft at dropout 0.1" in out
+    assert "saved for backward, peft DoRA" in out
+    rows = json.loads((tmp_path / "qd.json").read_text())["rows"]
+    providers = {"lora_kernels", "lora_kernels_lora", "peft", "peft_lora", "linear"}
+    seen = {(r["provider"], r["mode"], r["dropout"]) for r in rows}
+    assert seen == {(p, m, d) for p in providers for m in bench.MODES for d in bench.DROPOUTS}
+    assert all(r["dora"] and r["median_ms"] > 0 and r["tflops"] is None for r in rows)
+
+
+def test_bench_model_dora_quick(tmp_path):
+    """``--dora`` on the tiny Llama: every provider's layers are DoRA layers and, in float32 at
+    dropout 0, both of ours follow peft's DoRA loss curve."""
+    pytest.importorskip("peft")
+    args = ["--quick", "--dora", "--model", "llama", "--dropout", "0", "--out", str(tmp_path)]
+    assert load("bench_model").main([*args, "--name", "qd"]) == 0
+    (result,) = json.loads((tmp_path / "qd.json").read_text())["results"]
+    assert all(r["dora"] for r in result["rows"])
+    for provider in ("lora_kernels", "peft_patched"):
+        assert result["agreement"][provider]["within"], result["agreement"]

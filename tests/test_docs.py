@@ -1,5 +1,5 @@
-"""The examples in README.md, every code block of docs/usage.md and docs/qlora.md's run as
-written, offline."""
+"""The examples in README.md, every code block of docs/usage.md, docs/qlora.md's and
+docs/dora.md's run as written, offline."""
 
 from __future__ import annotations
 
@@ -52,6 +52,12 @@ def test_readme_example_runs(block):
 
 
 QLORA_BLOCKS = BLOCK.findall((ROOT / "docs" / "qlora.md").read_text())
+DORA_BLOCKS = BLOCK.findall((ROOT / "docs" / "dora.md").read_text())
+
+
+@pytest.mark.parametrize("block", DORA_BLOCKS)
+def test_dora_example_runs(block):
+    exec(compile(block, "docs/dora.md", "exec"), {})
 
 
 @pytest.mark.parametrize("block", QLORA_BLOCKS)

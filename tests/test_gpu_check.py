@@ -62,6 +62,17 @@ TINY_STAGES = [
         "target", 1, lambda device, out: gpu_check.stage_target(device, (16, 32, 48, 4))
     ),
     gpu_check.Stage(
+        "dora",
+        1,
+        lambda device, out: gpu_check.stage_dora(
+            device,
+            (16, 32, 48, 4),
+            check_shapes=[((5,), 24, 40), ((2, 3), 33, 17)],
+            ranks=(8,),
+            precisions=[gpu_check.PRECISIONS[0], gpu_check.PRECISIONS[2]],
+        ),
+    ),
+    gpu_check.Stage(
         "qlora",
         1,
         lambda device, out: gpu_check.stage_qlora(device, (32, 48, 4), (3, 600), tuned_tokens=(3,)),
@@ -87,12 +98,13 @@ def test_every_stage_runs_and_writes_its_json(tmp_path, monkeypatch):
     tune.reset()
     status = {name: s["status"] for name, s in summary["stages"].items()}
     assert status == {
-        "correctness": "done", "target": "done", "qlora": "done", "tuner": "done",
+        "correctness": "done", "target": "done", "dora": "done", "qlora": "done", "tuner": "done",
         "model": "skipped",
     }  # fmt: skip
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert files == {
-        "summary.json", "correctness.json", "target.json", "qlora.json", "tuner.json", "tune.json"
+        "summary.json", "correctness.json", "target.json", "dora.json", "qlora.json",
+        "tuner.json", "tune.json",
     }  # fmt: skip
     assert not (tmp_path / "user-cache.json").exists()  # the run's decisions stay in its folder
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -129,6 +141,18 @@ def test_every_stage_runs_and_writes_its_json(tmp_path, monkeypatch):
     assert target["fused_kernels_ms"]["tables"] > 0 and target["fused_kernels_ms"]["pointer"] > 0
     assert target["fused_kernels_ms"]["uses_descriptors"]  # the interpreter runs Hopper's tables
     assert "descriptors_vs_pointer" in target["ratios"]
+
+    dora = json.loads((tmp_path / "out" / "dora.json").read_text())
+    # bf16 and fp32, dropout 0 and 0.1, two shapes, one rank
+    assert dora["failed"] == 0 and dora["passed"] == 8, dora["cases"]
+    for case in dora["cases"]:
+        assert set(case["errors"]) == {"y", "dx", "dlora_A", "dlora_B", "dmagnitude"}
+    for p in ("0.0", "0.1"):
+        row = dora["timings"][p]
+        assert set(row["providers"]) == {
+            "lora_kernels_dora", "lora_kernels_lora", "linear", "peft_dora", "peft_lora"
+        }  # fmt: skip
+        assert set(row["ratios"]) == {"dora_vs_lora", "dora_vs_linear", "dora_vs_peft_dora"}
 
     tuner = json.loads((tmp_path / "out" / "tuner.json").read_text())
     (only,) = tuner["keys"]

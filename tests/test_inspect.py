@@ -209,3 +209,44 @@ def test_high_ranks_builds_over_shared_memory_fail_and_run_on_the_torch_path():
     assert over == {("sm_80", 256), ("sm_80", 512), ("sm_90", 256), ("sm_90", 512)}
     assert "over the GPU's 232448" in out.stderr and "rank 512" in out.stderr
     assert KERNEL_MAX_RANK < 256
+
+
+def build_dora(*args) -> list[dict]:
+    """``inspect --base dora`` rows (DoRA's forward and dx launches, dropout 0)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "lora_kernels.inspect", "--json", "--base", "dora", "--jobs", "2"]
+    out = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+DORA_ARCHS = ("sm_80", "sm_90", "sm_120")  # Ampere's tables, Hopper's (descriptors), 99 KiB
+
+
+def test_dora_builds():
+    """DoRA's two changed launches (the column scale and z's store in the forward's epilogue,
+    c on the dx pass's dY tiles) build for each table on tensor cores within shared memory,
+    with every Triton ``make compat`` runs; Hopper's forward on descriptors (rank 16)."""
+    args = ["--dtype", "bfloat16", "--rank", "16"]
+    for arch in DORA_ARCHS:
+        args += ["--arch", arch]
+    rows = build_dora(*args)
+    got = sorted((r["kernel"], r["arch"]) for r in rows)
+    assert got == sorted((k, a) for k in ("lora_bwd_dx", "lora_fwd") for a in DORA_ARCHS)
+    for row in rows:
+        assert 0 < row["registers"] <= 255 and row["shared_bytes"] <= row["shared_limit"], row
+        assert row["mma_ops"].get(ARCHS[row["arch"]].mma, 0) > 0, row
+    assert {r["kernel"] for r in rows if r["arch"] == "sm_90" and r["descriptors"]} == {
+        "lora_fwd", "lora_bwd_dx"
+    }  # fmt: skip
+
+
+def test_no_spills_dora():
+    """With the pinned Triton, DoRA's launches spill nothing on any arch, float16 and bfloat16,
+    ranks 16 and 64 (Hopper's forward tile narrowed to 128: configs.DORA_MAX_BLOCK_N)."""
+    args = ["--dtype", "bfloat16", "--dtype", "float16", "--rank", "16", "--rank", "64"]
+    rows = build_dora(*args)
+    assert len(rows) == 2 * len(ARCHS) * 2 * 2
+    spilling = [(r["kernel"], r["arch"], r["dtype"], r["rank"], r["spills"]) for r in rows
+                if r["spills"]]  # fmt: skip
+    assert not spilling

@@ -134,13 +134,58 @@ def test_patched_dora_equals_peft_s_dora(dropout):
     grads, expected = out["ours"][1], out["peft"][1]
     assert grads.keys() == expected.keys() and len(grads) == 3 * 14
     if dropout == 0.0:  # (with dropout, dora_linear runs PyTorch ops: no DoRA kernel yet)
-        assert "LoRALinearFunctionBackward" in graph_functions(out["ours"][0])
+        assert "DoRALinearFunctionBackward" in graph_functions(out["ours"][0])
         assert_close("loss", out["ours"][0], out["peft"][0].double(), TOL)
         for name in expected:
             assert_close(name, grads[name], expected[name].double(), GRAD_TOL)
     for model in (theirs, ours):
         model.eval()
     assert_close("logits", logits(ours, LLAMA_VOCAB), logits(theirs, LLAMA_VOCAB).double(), TOL)
+
+
+def test_from_peft_converts_dora_layers_with_peft_s_numbers(tmp_path):
+    """``from_peft`` on peft's DoRA model: DoRA ``LoRALayer``s with peft's magnitudes; at
+    dropout 0 the loss and every trainable gradient (magnitudes included, by the matching
+    names) equal peft's, through ``DoRALinearFunction``; the converted model saves an adapter
+    peft loads back to the same logits."""
+    from lora_kernels import LoRALayer, from_peft
+
+    theirs = peft_model(small_llama(), use_dora=True)
+    randomize_trainable(theirs, ("lora_B", "lora_magnitude_vector"))
+    ours = from_peft(copy.deepcopy(theirs))
+    layers = [m for m in ours.modules() if isinstance(m, LoRALayer)]
+    assert len(layers) == 14 and all(m.use_dora and m.magnitude.requires_grad for m in layers)
+    losses = {}
+    for name, model in (("peft", theirs), ("ours", ours)):
+        model.train()
+        losses[name] = llama_loss(model)
+        losses[name].backward()
+    assert "DoRALinearFunctionBackward" in graph_functions(losses["ours"])
+    assert_close("loss", losses["ours"], losses["peft"].double(), TOL)
+    expected = adapter_grads(theirs)
+    names = {
+        "lora_A.default.weight": "lora_A",
+        "lora_B.default.weight": "lora_B",
+        "lora_magnitude_vector.default.weight": "magnitude",
+    }
+    grads = {}
+    for name, grad in adapter_grads(ours).items():
+        grads[name] = grad.t() if name.endswith(("lora_A", "lora_B")) else grad
+    assert len(grads) == len(expected) == 3 * 14
+    for name, grad in expected.items():
+        module, suffix = name.removeprefix("base_model.model.").rsplit(".lora_", 1)
+        ours_name = f"{module}.{names['lora_' + suffix]}"
+        assert_close(name, grads[ours_name], grad.double(), GRAD_TOL)
+    for model in (theirs, ours):
+        model.eval()
+    expected_logits = logits(theirs, LLAMA_VOCAB)
+    assert_close("logits", logits(ours, LLAMA_VOCAB), expected_logits.double(), TOL)
+    theirs.save_pretrained(tmp_path / "unused")  # (peft's own save still works beside)
+    from lora_kernels import save_peft_adapter
+
+    save_peft_adapter(ours, tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(small_llama(), tmp_path / "adapter").eval()
+    assert_close("reloaded", logits(loaded, LLAMA_VOCAB), expected_logits.double(), TOL)
 
 
 def test_the_tree_keys_and_parameters_stay_peft_s():

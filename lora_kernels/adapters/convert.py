@@ -25,8 +25,10 @@ def from_peft(peft_model) -> nn.Module:
     ``modules_to_save`` (the classifier of a ``task_type="SEQ_CLS"`` model) carry over: each
     wrapper gives way to its trained copy, which stays trainable and is saved with the adapter.
 
+    peft's DoRA layers (``use_dora=True``) become DoRA ``LoRALayer``s with peft's magnitudes.
+
     Raises ``ValueError`` naming the module and the feature for what ``LoRALayer`` doesn't do
-    (DoRA, several active adapters, ``lora_bias``, merged or disabled adapters,
+    (DoRA over a 4-bit base, several active adapters, ``lora_bias``, merged or disabled adapters,
     ``fan_in_fan_out``, LoRA on non-``Linear`` layers, trainable tokens, trainable parameters an
     adapter file would not hold such as ``bias="all"``), before changing anything.
 
@@ -85,8 +87,10 @@ def from_peft(peft_model) -> nn.Module:
         if len(adapters) != 1:
             raise ValueError(f"{where}: {len(adapters)} active adapters {adapters}; need exactly 1")
         adapter = adapters[0]
-        if module.use_dora.get(adapter, False):
-            raise ValueError(f"{where}: DoRA (use_dora=True) is not supported")
+        if module.use_dora.get(adapter, False) and type(module.base_layer) is not nn.Linear:
+            raise ValueError(
+                f"{where}: DoRA over {type(module.base_layer).__name__} (QDoRA) is not supported"
+            )
         if getattr(module, "lora_bias", {}).get(adapter, False):
             raise ValueError(f"{where}: lora_bias=True is not supported")
         if module.merged:
@@ -101,6 +105,7 @@ def from_peft(peft_model) -> nn.Module:
     covered = {id(p) for m in to_save.values() for p in m.parameters()}
     for module, adapter in plan.values():
         covered |= {id(module.lora_A[adapter].weight), id(module.lora_B[adapter].weight)}
+        covered |= {id(m.weight) for m in _magnitude(module, adapter)}
     check_nothing_unsaved(model.named_parameters(), covered, "from_peft")
 
     new = {}
@@ -108,18 +113,28 @@ def from_peft(peft_model) -> nn.Module:
         dropout = module.lora_dropout[adapter]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-        layer = adapted(module.base_layer, A, B, dropout=p, adapter_dtype=A.dtype)
+        m = next((v.weight for v in _magnitude(module, adapter)), None)  # DoRA's
+        layer = adapted(module.base_layer, A, B, m, dropout=p, adapter_dtype=A.dtype)
         layer.scaling = float(module.scaling[adapter])  # rsLoRA and patterns included
         layer.alpha = float(module.lora_alpha[adapter])
         layer.use_rslora = bool(getattr(module, "use_rslora", {}).get(adapter, False))
         layer.lora_A.requires_grad_(A.requires_grad)
         layer.lora_B.requires_grad_(B.requires_grad)
+        if m is not None:
+            layer.magnitude.requires_grad_(m.requires_grad)
         new[name] = layer
     replace_modules(model, {**new, **to_save})
     mark_to_save(model, to_save)
     for wrapper in wrappers:
         wrapper.__class__ = _converted_class(type(wrapper))
     return model
+
+
+def _magnitude(module, adapter: str) -> list:
+    """peft's DoRA magnitude module of ``adapter`` on ``module`` (``[]`` without DoRA)."""
+    if not module.use_dora.get(adapter, False):
+        return []
+    return [module.lora_magnitude_vector[adapter]]
 
 
 # What each peft adapter method is after from_peft: its LoRA layers are gone, so peft's own

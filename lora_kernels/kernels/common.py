@@ -149,12 +149,12 @@ def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _fp16_fit(v, AXIS: tl.constexpr):
-    """``(scale, inv)``: a power of two per row (``AXIS`` 1) or column (``AXIS`` 0) of the fp32
-    tile ``v`` bringing it under ``2**15`` in magnitude (``v * inv``), and its inverse; 1 where
-    it already is (and for inf / NaN, which pass as they are). Built from the exponent bits, so
-    both are exact and multiplying by them loses nothing."""
-    big = tl.max(tl.abs(v), axis=AXIS)
+def fp16_fit(big):
+    """``(scale, inv)`` for the fp32 magnitudes ``big`` (a row's or a column's largest): a power
+    of two bringing each under ``2**15`` (``big * inv``), and its inverse; 1 where it already
+    is (and for inf / NaN, which pass as they are). Built from the exponent bits, so both are
+    exact and multiplying by them loses nothing: float16 (largest 65504) then holds the hi part
+    of a hi / lo split."""
     e = (big.to(tl.uint32, bitcast=True) >> 23) & 0xFF  # big < 2 ** (e - 126)
     # NOTE: float16's largest finite value is 65504; 142 is the biased exponent of 2**15.
     over = (e >= 142) & (e < 255)
@@ -179,7 +179,7 @@ def mma_f32_lhs(a_f32, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if b.dtype == a_f32.dtype:
         return mma(a_f32, b, acc, PRECISION, UPCAST)
     elif b.dtype == tl.float16:
-        scale, inv = _fp16_fit(a_f32, 1)
+        scale, inv = fp16_fit(tl.max(tl.abs(a_f32), axis=1))
         a_f32 = a_f32 * inv[:, None]
         a_hi = a_f32.to(b.dtype)
         a_lo = (a_f32 - a_hi.to(a_f32.dtype)).to(b.dtype)
@@ -194,17 +194,11 @@ def mma_f32_lhs(a_f32, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def mma_f32_rhs(a, b_f32, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc + a @ b_f32``: ``mma_f32_lhs`` with the float32 operand on the right (float16
-    ``a``: its columns scaled, with ``acc``'s)."""
+    """``acc + a @ b_f32``: ``mma_f32_lhs`` with the float32 operand on the right. NOTE: with
+    float16 ``a`` the caller keeps ``b_f32`` under float16's range
+    (``lora_grad.fit_fp16_columns``)."""
     if a.dtype == b_f32.dtype:
         return mma(a, b_f32, acc, PRECISION, UPCAST)
-    elif a.dtype == tl.float16:
-        scale, inv = _fp16_fit(b_f32, 0)
-        b_f32 = b_f32 * inv[None, :]
-        b_hi = b_f32.to(a.dtype)
-        b_lo = (b_f32 - b_hi.to(b_f32.dtype)).to(a.dtype)
-        acc = mma(a, b_hi, acc * inv[None, :], PRECISION, UPCAST)
-        return mma(a, b_lo, acc, PRECISION, UPCAST) * scale[None, :]
     else:
         b_hi = b_f32.to(a.dtype)
         b_lo = (b_f32 - b_hi.to(b_f32.dtype)).to(a.dtype)

@@ -108,6 +108,19 @@ def fused_mm_config(
     return FUSED[kind, arch]._asdict()
 
 
+# DoRA's forward (COL_SCALE with z stored, issue 26) holds a second, 16-bit copy of the output
+# tile for z's store: on Hopper's 128 x 256 tile that spilled (8 instructions fp16, 18 bf16, sm_90
+# rank 16, descriptor kernel); at most 128 wide it builds without (python -m lora_kernels.inspect
+# --base dora).
+DORA_MAX_BLOCK_N = 128
+
+
+def dora_fwd_config(config: dict) -> dict:
+    """The forward's config (``fused_mm_config``'s, or a tuned one) as DoRA's forward runs it:
+    its tile at most ``DORA_MAX_BLOCK_N`` wide."""
+    return {**config, "BLOCK_N": min(config["BLOCK_N"], DORA_MAX_BLOCK_N)}
+
+
 def fused_mm_t_config(arch: int, dtype: torch.dtype) -> dict:
     """The config of T-only (``store_out=False``) launches."""
     return FUSED["t_only" if _sixteen_bit(dtype) else "t_only_fp32", known_arch(arch)]._asdict()

@@ -109,30 +109,45 @@ def out_epilogue(
     seed,
     dropout_threshold,
     dropout_scale,
+    scale_ptr,
+    z_ptr,
     HAS_BIAS: tl.constexpr,
     DROPOUT_OUT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    COL_SCALE: tl.constexpr,
+    STORE_Z: tl.constexpr,
 ):
     """``out = acc + s * drop_out(T Up) + b`` for one tile, cast once and stored; ``up`` is the
     tile's ``(R, BLOCK_N)`` slice of Up, ``xp`` its T. ``bias_ptr`` is ``None`` unless
-    ``HAS_BIAS``."""
+    ``HAS_BIAS``. DoRA: ``COL_SCALE`` multiplies each column by ``c`` (``scale_ptr``, ACC)
+    before the bias; ``STORE_Z`` also stores the unscaled ``z`` (``z_ptr``, out's layout), the
+    one tensor DoRA's magnitude gradient needs."""
     if DROPOUT_OUT:
         lora = mma_f32_lhs(xp, up, tl.zeros((xp.shape[0], BLOCK_N), dtype=ACC), PRECISION, UPCAST)
         keep = dropout_keep(seed, offs_m, pid_n * BLOCK_N, BLOCK_N, dropout_threshold)
         acc += tl.where(keep, lora * dropout_scale, 0.0)
     else:
         acc = mma_f32_lhs(xp, up, acc, PRECISION, UPCAST)
+    offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    mask = mask_m[:, None] & mask_n[None, :]
+    if STORE_Z:
+        tl.store(z_ptr + offs, to_output(acc, z_ptr.dtype.element_ty, UPCAST), mask=mask)
+    if COL_SCALE:
+        acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(
-        out_ptrs,
-        to_output(acc, out_ptr.dtype.element_ty, UPCAST),
-        mask=mask_m[:, None] & mask_n[None, :],
-    )
+    tl.store(out_ptr + offs, to_output(acc, out_ptr.dtype.element_ty, UPCAST), mask=mask)
+
+
+@triton.jit
+def scaled_x(x, scale_ptr, offs_k, mask_k, UPCAST: tl.constexpr):
+    """DoRA's dx pass: the ``dY`` tile's columns times ``c`` (``dz = dY c``), rounded once to
+    the tile's dtype, so both dots of the K loop take ``dz``."""
+    c = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
+    return to_output(x.to(c.dtype) * c[None, :], x.dtype, UPCAST)
 
 
 @triton.jit(do_not_specialize=["seed", "dropout_threshold"])
@@ -147,6 +162,8 @@ def _lora_fwd_kernel(
     t_ptr,  # T    (M, RANK) ACC; None without STORE_T or T_IN
     ws_ptr,  # FOUR_BIT: fp32 scales of W's blocks of QBLOCK elements (w_ptr: its packed bytes)
     wc_ptr,  # FOUR_BIT: fp32 code table (16 entries)
+    scale_ptr,  # DoRA's c (N or K,) ACC: output columns (COL_SCALE) or X's columns (X_SCALE)
+    z_ptr,  # STORE_Z: (M, N), out's strides; else None
     # sizes
     M,
     N,
@@ -187,6 +204,9 @@ def _lora_fwd_kernel(
     UPCAST: tl.constexpr,
     FOUR_BIT: tl.constexpr,  # Wt is bitsandbytes' 4-bit W, dequantized tile by tile in the K loop
     QBLOCK: tl.constexpr,  # FOUR_BIT: elements per scale
+    COL_SCALE: tl.constexpr,  # DoRA forward: out = c * (X Wt + T Up) + b (see out_epilogue)
+    STORE_Z: tl.constexpr,  # DoRA forward: also store z = X Wt + T Up
+    X_SCALE: tl.constexpr,  # DoRA dx: X's tiles times c along K (dz = dY c)
 ):
     # --- tile mapping: grouped order, so GROUP_M row-blocks share each Wt column-block in L2
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -217,6 +237,8 @@ def _lora_fwd_kernel(
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
+        if X_SCALE:
+            x = scaled_x(x, scale_ptr, offs_k, mask_k, UPCAST)
         if STORE_OUT:
             if FOUR_BIT:
                 # NOTE: the strides are W's, in elements of the flat 4-bit sequence; the tile is
@@ -263,8 +285,9 @@ def _lora_fwd_kernel(
         )
         out_epilogue(acc, xp, up, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n,
                      stride_om, stride_on, pid_n, seed, dropout_threshold, dropout_scale,
-                     HAS_BIAS=HAS_BIAS, DROPOUT_OUT=DROPOUT_OUT, BLOCK_N=BLOCK_N, ACC=ACC,
-                     PRECISION=PRECISION, UPCAST=UPCAST)  # fmt: skip
+                     scale_ptr, z_ptr, HAS_BIAS=HAS_BIAS, DROPOUT_OUT=DROPOUT_OUT,
+                     BLOCK_N=BLOCK_N, ACC=ACC, PRECISION=PRECISION, UPCAST=UPCAST,
+                     COL_SCALE=COL_SCALE, STORE_Z=STORE_Z)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["seed", "dropout_threshold"])
@@ -278,6 +301,8 @@ def _lora_fwd_tma_kernel(
     bias_ptr,  # b (N,); None without HAS_BIAS
     out_ptr,  # out (M, N); None without STORE_OUT
     t_ptr,  # T (M, RANK) ACC; None without STORE_T or T_IN
+    scale_ptr,  # DoRA's c, as the pointer kernel's
+    z_ptr,  # STORE_Z: (M, N), out's strides; else None
     # sizes
     M,
     N,
@@ -312,6 +337,9 @@ def _lora_fwd_tma_kernel(
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    COL_SCALE: tl.constexpr,
+    STORE_Z: tl.constexpr,
+    X_SCALE: tl.constexpr,
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N) if STORE_OUT else 1
@@ -326,6 +354,9 @@ def _lora_fwd_tma_kernel(
         xp = tl.zeros((BLOCK_M, R), dtype=ACC)
         for k0 in range(0, K, BLOCK_K):
             x = x_desc.load([pid_m * BLOCK_M, k0])
+            if X_SCALE:
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                x = scaled_x(x, scale_ptr, offs_k, offs_k < K, UPCAST)
             if STORE_OUT:
                 if W_T:
                     w = tl.trans(w_desc.load([pid_n * BLOCK_N, k0]))
@@ -354,8 +385,9 @@ def _lora_fwd_tma_kernel(
                 up = up_desc.load([0, pid_n * BLOCK_N])
             out_epilogue(acc, xp, up, bias_ptr, out_ptr, offs_m, offs_n, mask_m, offs_n < N,
                          stride_om, stride_on, pid_n, seed, dropout_threshold, dropout_scale,
-                         HAS_BIAS=HAS_BIAS, DROPOUT_OUT=DROPOUT_OUT, BLOCK_N=BLOCK_N, ACC=ACC,
-                         PRECISION=PRECISION, UPCAST=UPCAST)  # fmt: skip
+                         scale_ptr, z_ptr, HAS_BIAS=HAS_BIAS, DROPOUT_OUT=DROPOUT_OUT,
+                         BLOCK_N=BLOCK_N, ACC=ACC, PRECISION=PRECISION, UPCAST=UPCAST,
+                         COL_SCALE=COL_SCALE, STORE_Z=STORE_Z)  # fmt: skip
 
 
 def fused_mm(
@@ -378,13 +410,18 @@ def fused_mm(
     seed: int = 0,
     t_in: torch.Tensor | None = None,
     name: str = "lora_fwd",
+    col_scale: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
+    z_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """One launch of the fused kernel: ``x (M, K)``, ``wt (K, N)`` (a tensor, or a 4-bit
     ``quant.Packed``, dequantized in the K loop), ``lora_down (K, r)``, ``lora_up (r, N)`` (any
     strides) -> ``(out (M, N) | None, T (M, r) float32 (float64) | None)``. ``num_sms`` sizes the
     descriptor kernel's persistent grid. ``name`` labels the launch for ``inspect``. ``t_in``: a
     T computed by an earlier ``store_out=False`` launch, read instead of recomputing ``X Down``
-    (then nothing is stored into T)."""
+    (then nothing is stored into T). DoRA: ``col_scale`` ``(N,)`` scales the output's columns
+    before the bias, ``z_out`` ``(M, N)`` (contiguous) receives the unscaled output, and
+    ``x_scale`` ``(K,)`` scales ``x``'s columns as they are loaded (both ACC dtype)."""
     (m, k), n, rank = x.shape, wt.shape[1], lora_down.shape[1]
     out = alloc((m, n), x.dtype, x.device) if store_out else None
     t = alloc((m, rank), acc_dtype(x.dtype), x.device) if store_t and t_in is None else None
@@ -402,12 +439,16 @@ def fused_mm(
         "ACC": tl_dtype(acc_dtype(x.dtype)),
         "PRECISION": precision,
         "UPCAST": upcast,
+        "COL_SCALE": col_scale is not None,
+        "STORE_Z": z_out is not None,
+        "X_SCALE": x_scale is not None,
         **{key: value for key, value in config.items() if key != "TMA"},
     }
     scalars = (scaling, keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p), seed)
+    scale = col_scale if col_scale is not None else x_scale
     four_bit = isinstance(wt, quant.Packed)
     if config.get("TMA") and not four_bit and supports(x, wt, lora_down, lora_up):
-        operands = (x, wt, bias, lora_down, lora_up, out, t_arg)
+        operands = (x, wt, bias, lora_down, lora_up, out, t_arg, scale, z_out)
         _launch_descriptors(name, operands, (m, n, k, rank), scalars, meta, num_sms)
         return out, t
     # A T-only launch reads no W (over a 4-bit one too: the 16-bit build serves).
@@ -421,7 +462,7 @@ def fused_mm(
     n_tiles = triton.cdiv(n, config["BLOCK_N"]) if store_out else 1
     grid = (triton.cdiv(m, config["BLOCK_M"]) * n_tiles,)
     args = (
-        x, w_arg, bias, lora_down, lora_up, out, t_arg, scales, code,
+        x, w_arg, bias, lora_down, lora_up, out, t_arg, scales, code, scale, z_out,
         m, n, k, rank,
         x.stride(0), x.stride(1),
         wt.stride(0), wt.stride(1),
@@ -439,7 +480,7 @@ def _launch_descriptors(name, operands, sizes, scalars, meta: dict, num_sms: int
     """``fused_mm``'s launch of ``_lora_fwd_tma_kernel``: the descriptors of ``X``, ``Wt``,
     ``Down`` and ``Up`` for the config's tiles, a persistent grid of at most ``num_sms``
     programs."""
-    x, wt, bias, lora_down, lora_up, out, t_arg = operands
+    x, wt, bias, lora_down, lora_up, out, t_arg, scale, z_out = operands
     m, n, _, _ = sizes
     block_m, block_n, block_k, r = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], meta["R"]
     x_desc, _ = _descriptor(x, [block_m, block_k])
@@ -449,7 +490,7 @@ def _launch_descriptors(name, operands, sizes, scalars, meta: dict, num_sms: int
     tiles = triton.cdiv(m, block_m) * (triton.cdiv(n, block_n) if meta["STORE_OUT"] else 1)
     programs = min(num_sms, tiles)
     args = (
-        x_desc, w_desc, down_desc, up_desc, bias, out, t_arg,
+        x_desc, w_desc, down_desc, up_desc, bias, out, t_arg, scale, z_out,
         *sizes, programs,
         *_strides(out), *_strides(t_arg),
         *scalars,

@@ -192,10 +192,17 @@ def lora_grad(
     dropout_p: float = 0.0,
     seed: int = 0,
     name: str = "lora_bwd_dB",
+    col_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``u (M, r)`` float32, ``v (M, D)`` -> ``u^T drop(v)`` as ``(r, D)``, or ``(D, r)`` with
     ``transpose_out``, in ``out_dtype``: one launch of either kernel, then the fixed-order sum
-    of the partials."""
+    of the partials. ``col_scale`` ``(D,)`` (DoRA's ``c``, ACC dtype): the sum's ``D`` side
+    times it before the one rounding (``u^T (v c)``).
+
+    float16 ``v``: the kernels split ``u`` into float16 ``hi + lo`` for the dots, so ``u``'s
+    columns are first brought under float16's range by exact powers of two
+    (``fit_fp16_columns``) and the sum scaled back: the LoRA intermediate keeps float32's
+    range."""
     (m, rank), d = u.shape, v.shape[1]
     if m == 0:
         return torch.zeros(
@@ -203,6 +210,9 @@ def lora_grad(
         )
     # The chunks are multiples of BLOCK_M; the partials lie in the output's own layout, so the
     # host-side sum lands contiguous.
+    fit = None
+    if v.dtype == torch.float16 and u.dtype == torch.float32:
+        u, fit = fit_fp16_columns(u)
     split = num_splits(m, d, config, num_sms)
     chunk = triton.cdiv(triton.cdiv(m, split), config["BLOCK_M"]) * config["BLOCK_M"]
     split = triton.cdiv(m, chunk)
@@ -235,7 +245,26 @@ def lora_grad(
         )  # fmt: skip
         launch(name, _lora_grad_kernel, (triton.cdiv(d, meta["BLOCK_D"]), split), args, meta)
     # NOTE: a fixed-order sum over the split axis (no atomics): deterministic run to run.
-    return (part[0] if split == 1 else part.sum(0)).to(out_dtype)
+    total = part[0] if split == 1 else part.sum(0)
+    if fit is not None:  # (per rank: the r side)
+        total = total * (fit[None, :] if transpose_out else fit[:, None])
+    if col_scale is not None:  # (the D side)
+        total = total * (col_scale[:, None] if transpose_out else col_scale[None, :])
+    return total.to(out_dtype)
+
+
+def fit_fp16_columns(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u / scale, scale)``: ``scale`` ``(r,)`` a power of two per column of ``u`` ``(M, r)``
+    bringing it under ``2**15`` in magnitude (1 where it already is, and for inf / NaN), so the
+    kernels' float16 ``hi`` part never overflows (float16 ends at 65504). Exact both ways.
+    Five small ops over ``u`` (``M x r``, float16 calls only), no host sync; done here, not in
+    the kernels: a first pass over each chunk of ``u`` there spilled 66-70 instructions
+    (sm_120, float16, rank 4)."""
+    big = u.abs().amax(0)
+    _, exponent = torch.frexp(big)  # big < 2 ** exponent
+    shift = torch.where(torch.isfinite(big), (exponent - 15).clamp_min(0), 0)
+    scale = torch.ldexp(torch.ones_like(big), shift)
+    return u / scale, scale
 
 
 def num_splits(m: int, d: int, config: dict, num_sms: int) -> int:
