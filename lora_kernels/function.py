@@ -286,7 +286,7 @@ class DoRALinearFunction(torch.autograd.Function):
     magnitude requires grad: ``dm = sum_rows(dY z) / n`` needs it, and it spares a second GEMM),
     ``c`` and ``n`` (``(N,)``). Backward folds ``c`` into ``dY``: on the Triton path into the
     dx pass's ``dY`` tiles and ``dB``'s float32 sum (``dz = dY c`` is never stored); on the
-    torch path ``dz`` is one ``(M, N)`` product.
+    torch path onto ``W``'s rows and ``B``'s columns (thin copies; ``dz`` is never made either).
 
     With dropout (PyTorch ops on every backend: ``torch_path.dora_dropout_forward``): saved
     ``x``, ``S = x_d A`` and ``U = mask(x) W^T`` (``(M, N)``, for ``dm`` only), the seed (the
@@ -329,7 +329,7 @@ class DoRALinearFunction(torch.autograd.Function):
             from . import triton_path
 
             y2, S, z = triton_path.dora_forward_op(
-                x2, weight, bias, lora_A, lora_B, scaling, c, plan, need_lb, need_m
+                x2, weight, bias, lora_A, lora_B, scaling, c, plan, need_lb or need_m, need_m
             )
         else:
             z, S = torch_path.forward(x2, weight, None, lora_A, lora_B, scaling, 0.0, 0)
@@ -343,7 +343,7 @@ class DoRALinearFunction(torch.autograd.Function):
             weight,
             lora_A,
             lora_B,
-            S if need_lb else None,
+            S if (need_lb or need_m and plan is not None) else None,
             z if need_m else None,
             c,
             norm,
@@ -377,24 +377,34 @@ class DoRALinearFunction(torch.autograd.Function):
             if dx is not None:
                 dx = dx.reshape(ctx.x_shape)
             return dx, dw, db, da, dlb, dm, None, None, None, None, None
+        need_m = ctx.needs_input_grad[5]
         dm = None
-        if ctx.needs_input_grad[5]:  # sum over the rows of dY z, accumulated in c's dtype
-            dm = ((dy2.to(c.dtype) * z.to(c.dtype)).sum(0) / norm.to(c.dtype)).to(
-                ctx.magnitude_dtype
-            )
-        if ctx.plan is not None:
+        if ctx.plan is not None:  # (dm's sum from the dB launch's own dY tiles)
             from . import triton_path
 
             grads = triton_path.dora_backward_op(
-                dy2, x2, weight, lora_A, lora_B, S, ctx.scaling, c, ctx.plan, list(needs)
+                dy2, x2, weight, lora_A, lora_B, S, ctx.scaling, c, ctx.plan, list(needs), z
             )
             dx, dw, db, da, dlb = (g if need else None for g, need in zip(grads, needs))
+            if need_m:
+                dm = (grads[5] / norm.to(c.dtype)).to(ctx.magnitude_dtype)
         else:
-            dz = dy2 * c.to(dy2.dtype)
+            if need_m:  # sum over the rows of dY z, in c's dtype (no copies for float32)
+                dm = (dy2.to(c.dtype) * z.to(c.dtype)).sum(0) / norm.to(c.dtype)
+                dm = dm.to(ctx.magnitude_dtype)
+            # dz = dY c is never made: c goes on W's rows and B's columns (thin copies), and on
+            # dB's and dW's columns after (dz W = dY (c W), dz B^T = dY (B c)^T).
+            c_w = c.to(weight.dtype)
+            w_c = weight * c_w[:, None] if needs[0] else weight
+            b_c = lora_B * c.to(lora_B.dtype)
             through_z = (needs[0], needs[1], False, needs[3], needs[4])
             dx, dw, _, da, dlb = torch_path.backward(
-                dz, x2, weight, lora_A, lora_B, S, ctx.scaling, 0.0, 0, through_z
+                dy2, x2, w_c, lora_A, b_c, S, ctx.scaling, 0.0, 0, through_z
             )
+            if dlb is not None:
+                dlb = dlb * c.to(dlb.dtype)
+            if dw is not None:
+                dw = dw * c_w[:, None]
             db = dy2.sum(0) if needs[2] else None
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)

@@ -100,7 +100,8 @@ def captured_launches(
     """The launches one forward + backward (x, lora_A, lora_B requiring grad) would make, with
     ``plan`` (default: the tables'); ``four_bit``: over a 4-bit W (NF4, blocksize 64) read in
     the K loop, at ``M_4BIT`` tokens; ``dora``: DoRA's (dropout 0: the column scale ``c`` in
-    the forward's epilogue with ``z`` stored, ``c`` on the dx pass's ``dY`` tiles)."""
+    the forward's epilogue with ``z`` stored, ``c`` on the dx pass's ``dY`` tiles, the
+    magnitude's sum in the dB launch)."""
     m = M_4BIT if four_bit else M
     meta = {"device": "meta", "dtype": dtype}
     x, dy = torch.empty(m, K, **meta), torch.empty(m, N, **meta)
@@ -120,7 +121,7 @@ def captured_launches(
         needs = (True, False, False, True, True)
         triton_path.backward(
             dy, x, weight, lora_A, lora_B, T, SCALING, dropout_p, 0, needs, plan=plan,
-            col_scale=c,
+            col_scale=c, z=z,
         )  # fmt: skip
     return launches
 
@@ -236,11 +237,12 @@ def inspect_group(
     the 16-bit builds), plus, where ``dequant`` says, the dequantization launch of the buffer
     strategy (after which the 16-bit builds run)."""
     dtype = DTYPES[dtype_name]
-    if base == "dora":  # the two launches DoRA changes (dB's scale is the host's)
+    if base == "dora":  # the three launches DoRA changes (dA's is LoRA's)
+        changed = ("COL_SCALE", "X_SCALE", "DM")
         return [
             _inspect_launch(launch, arch, dtype_name, rank, dropout_p, "dora", dump)
             for launch in captured_launches(arch, dtype, rank, dropout_p, dora=True)
-            if launch.kwargs.get("COL_SCALE") or launch.kwargs.get("X_SCALE")
+            if any(launch.kwargs.get(flag) for flag in changed)
         ]
     if base == "nf4":
         launches = [

@@ -21,7 +21,13 @@ import torch
 from . import quant, roofline
 from .kernels import dequant
 from .kernels.common import acc_dtype, alloc
-from .kernels.configs import dora_fwd_config, fused_mm_config, fused_mm_t_config, grad_config
+from .kernels.configs import (
+    dora_fwd_config,
+    dora_grad_config,
+    fused_mm_config,
+    fused_mm_t_config,
+    grad_config,
+)
 from .kernels.fused_mm import fused_mm
 from .kernels.lora_grad import lora_grad
 
@@ -246,12 +252,16 @@ def _forward_config(plan: Plan, weight, dora: bool) -> dict:
 
 
 def backward(
-    dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, *, plan, col_scale=None
-):
+    dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, needs, *, plan, col_scale=None,
+    z=None,
+):  # fmt: skip
     """Gradients ``(dx, dW, db, dA, dB)``, ``None`` where ``needs`` says no (see torch_path).
     ``dA`` and ``dB`` are float32 reductions rounded once, to the adapters' own dtype. DoRA's
     ``col_scale`` (``c``): the gradients of ``y = c z + b`` through ``z`` (``dz = dY c``,
-    folded into the dx pass's ``dY`` tiles and into ``dB``'s sum); ``db`` is ``dY``'s."""
+    folded into the dx pass's ``dY`` tiles and into ``dB``'s sum); ``db`` is ``dY``'s. With
+    DoRA's ``z`` (the magnitude trains): ``(dx, dW, db, dA, dB, sum_rows(dY z))``, that sum
+    (float32, ``(N,)``) from the dB launch's own ``dY`` tiles (run even when ``dB`` is not
+    needed; ``T`` is then there)."""
     need_x, need_w, need_b, need_a, need_lb = needs
     adapter_dtype = lora_A.dtype
     lora_A, lora_B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
@@ -292,18 +302,23 @@ def backward(
             seed=seed,
             name=LAUNCHES["grad_dA"],
         )
-    if need_lb:
+    dm = None
+    if need_lb or z is not None:
+        config = plan.grad_dB if z is None else dora_grad_config(plan.grad_dB)
         dlb = reduce(
-            T, dy, transpose_out=False, config=plan.grad_dB, name=LAUNCHES["grad_dB"],
-            col_scale=col_scale,
+            T, dy, transpose_out=False, config=config, name=LAUNCHES["grad_dB"],
+            col_scale=col_scale, z=z,
         )  # fmt: skip
+        if z is not None:
+            dlb, dm = dlb
+            dlb = dlb if need_lb else None
     # dW and db only exist for users who unfreeze the base layer: plain cuBLAS / reductions.
     if need_w:
         dw = (dy if col_scale is None else dy * col_scale.to(dy.dtype)).t() @ x
     if need_b:
         # (16-bit sums accumulate in float32; float32 and float64 in their own precision)
         db = dy.sum(0, dtype=torch.promote_types(dy.dtype, torch.float32)).to(dy.dtype)
-    return dx, dw, db, da, dlb
+    return (dx, dw, db, da, dlb) if z is None else (dx, dw, db, da, dlb, dm)
 
 
 # --- a 4-bit base weight: one operand per use ---------------------------------------------------
@@ -483,22 +498,26 @@ def dora_backward_op(
     col_scale: torch.Tensor,
     plan: str,
     needs: List[bool],  # noqa: UP006
+    z: torch.Tensor | None = None,
 ) -> List[torch.Tensor]:  # noqa: UP006
-    """``dora_forward_op``'s gradients through ``z``: ``[dx, dW, db, dA, dB]``, empty where
-    ``needs`` says no (the magnitude's is the caller's: ``sum(dY z) / n``)."""
+    """``dora_forward_op``'s gradients through ``z``: ``[dx, dW, db, dA, dB, sum_rows(dY z)]``,
+    empty where ``needs`` says no, the last without ``z`` (the magnitude's gradient is that sum
+    over ``n``: the caller's)."""
     grads = backward(
         dy, x, weight, lora_A, lora_B, T, scaling, 0.0, 0, tuple(needs),
-        plan=plan_from_str(plan), col_scale=col_scale,
+        plan=plan_from_str(plan), col_scale=col_scale, z=z,
     )  # fmt: skip
-    likes = (dy, dy, dy, lora_A, lora_B)
+    grads = (*grads, None) if z is None else grads
+    likes = (dy, dy, dy, lora_A, lora_B, col_scale)
     return [like.new_empty(0) if g is None else g for g, like in zip(grads, likes)]
 
 
 @dora_backward_op.register_fake
-def _(dy, x, weight, lora_A, lora_B, T, scaling, col_scale, plan, needs):
+def _(dy, x, weight, lora_A, lora_B, T, scaling, col_scale, plan, needs, z=None):
     (m, n), k, r = dy.shape, weight.shape[1], lora_A.shape[1]
-    shapes = [(m, k), (n, k), (n,), (k, r), (r, n)]
-    likes = (dy, dy, dy, lora_A, lora_B)
+    shapes = [(m, k), (n, k), (n,), (k, r), (r, n), (n,)]
+    likes = (dy, dy, dy, lora_A, lora_B, col_scale)
+    needs = [*needs, z is not None]
     return [like.new_empty(s if need else (0,)) for s, like, need in zip(shapes, likes, needs)]
 
 

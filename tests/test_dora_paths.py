@@ -148,3 +148,20 @@ def test_the_base_rows_norms_are_computed_once_per_weight_state(monkeypatch):
     ref = dora_linear_reference(x, layer.linear.weight, layer.linear.bias, layer.lora_A,
                                 layer.lora_B, layer.magnitude, layer.scaling)  # fmt: skip
     assert_close("y", y, ref, 1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_magnitude_alone_trains_with_an_expanded_dy(backend):
+    """Only the magnitude (and x) require grad: the Triton path still runs dB's launch for the
+    magnitude's sum (T kept for it), from a ``dY`` that is an expanded view (``y.sum()``)."""
+    device = DEVICE[backend]
+    gen = torch.Generator().manual_seed(seed_for("dora-m-only", backend))
+    leaves = leaves_for(((9,), 40, 24, "contiguous"), torch.float32, 4, device, gen)
+    for name in ("weight", "bias", "lora_A", "lora_B"):
+        leaves[name].requires_grad_(False)
+    y = dora_linear(*leaves.values(), 0.5, backend=backend)
+    y.sum().backward()
+    y_ref, grads = oracle(leaves, torch.ones(y.shape, dtype=torch.float64), 0.5)
+    assert_close("y", y, y_ref, TOL[backend][torch.float32])
+    for name in ("x", "magnitude"):
+        assert_close(f"d{name}", leaves[name].grad, grads[name], TOL[backend][torch.float32])

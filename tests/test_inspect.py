@@ -224,29 +224,30 @@ DORA_ARCHS = ("sm_80", "sm_90", "sm_120")  # Ampere's tables, Hopper's (descript
 
 
 def test_dora_builds():
-    """DoRA's two changed launches (the column scale and z's store in the forward's epilogue,
-    c on the dx pass's dY tiles) build for each table on tensor cores within shared memory,
-    with every Triton ``make compat`` runs; Hopper's forward on descriptors (rank 16)."""
+    """DoRA's three changed launches (the column scale and z's store in the forward's epilogue,
+    c on the dx pass's dY tiles, the magnitude's sum beside dB's) build for each table on
+    tensor cores within shared memory, with every Triton ``make compat`` runs; Hopper's on
+    descriptors (rank 16)."""
     args = ["--dtype", "bfloat16", "--rank", "16"]
     for arch in DORA_ARCHS:
         args += ["--arch", arch]
     rows = build_dora(*args)
     got = sorted((r["kernel"], r["arch"]) for r in rows)
-    assert got == sorted((k, a) for k in ("lora_bwd_dx", "lora_fwd") for a in DORA_ARCHS)
+    kernels = ("lora_bwd_dB", "lora_bwd_dx", "lora_fwd")
+    assert got == sorted((k, a) for k in kernels for a in DORA_ARCHS)
     for row in rows:
         assert 0 < row["registers"] <= 255 and row["shared_bytes"] <= row["shared_limit"], row
         assert row["mma_ops"].get(ARCHS[row["arch"]].mma, 0) > 0, row
-    assert {r["kernel"] for r in rows if r["arch"] == "sm_90" and r["descriptors"]} == {
-        "lora_fwd", "lora_bwd_dx"
-    }  # fmt: skip
+    assert {r["kernel"] for r in rows if r["arch"] == "sm_90" and r["descriptors"]} == set(kernels)
 
 
 def test_no_spills_dora():
     """With the pinned Triton, DoRA's launches spill nothing on any arch, float16 and bfloat16,
-    ranks 16 and 64 (Hopper's forward tile narrowed to 128: configs.DORA_MAX_BLOCK_N)."""
+    ranks 16 and 64 (Hopper's forward tile narrowed to 128: configs.DORA_MAX_BLOCK_N; dB with
+    the magnitude's sum on 8 warps: configs.DORA_GRAD_MIN_WARPS)."""
     args = ["--dtype", "bfloat16", "--dtype", "float16", "--rank", "16", "--rank", "64"]
     rows = build_dora(*args)
-    assert len(rows) == 2 * len(ARCHS) * 2 * 2
+    assert len(rows) == 3 * len(ARCHS) * 2 * 2
     spilling = [(r["kernel"], r["arch"], r["dtype"], r["rank"], r["spills"]) for r in rows
                 if r["spills"]]  # fmt: skip
     assert not spilling

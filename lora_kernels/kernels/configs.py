@@ -121,6 +121,17 @@ def dora_fwd_config(config: dict) -> dict:
     return {**config, "BLOCK_N": min(config["BLOCK_N"], DORA_MAX_BLOCK_N)}
 
 
+# DoRA's dB launch also reads z's tiles and sums dY z (DM): at Hopper's 4 warps that spilled 4
+# instructions on sm_100 (float16 rank 16, bfloat16 rank 4); with 8 warps it builds without.
+DORA_GRAD_MIN_WARPS = 8
+
+
+def dora_grad_config(config: dict) -> dict:
+    """dB's config (``grad_config``'s, or a tuned one) as DoRA's dB launch runs it: at least
+    ``DORA_GRAD_MIN_WARPS`` warps."""
+    return {**config, "num_warps": max(config["num_warps"], DORA_GRAD_MIN_WARPS)}
+
+
 def fused_mm_t_config(arch: int, dtype: torch.dtype) -> dict:
     """The config of T-only (``store_out=False``) launches."""
     return FUSED["t_only" if _sixteen_bit(dtype) else "t_only_fp32", known_arch(arch)]._asdict()

@@ -51,6 +51,8 @@ def _lora_grad_kernel(
     u_ptr,  # U (M, RANK) ACC
     v_ptr,  # V (M, D)
     part_ptr,  # partials (SPLIT, RANK, D) ACC (any strides: dA writes them transposed)
+    z_ptr,  # DM: DoRA's z (M, D); else None
+    dm_ptr,  # DM: partials (SPLIT, D) ACC of sum_rows(V z), contiguous; else None
     # sizes
     M,
     D,
@@ -64,6 +66,8 @@ def _lora_grad_kernel(
     stride_ps,
     stride_pr,
     stride_pd,
+    stride_zm,
+    stride_zd,
     # scalars
     dropout_threshold,  # int32, see lora_kernels.dropout.keep_threshold
     dropout_scale,
@@ -76,6 +80,7 @@ def _lora_grad_kernel(
     ACC: tl.constexpr,  # float32 (float64 for float64 inputs)
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    DM: tl.constexpr,  # DoRA's dB launch: also sum_rows(dY z), the magnitude's gradient
 ):
     # --- tile mapping: axis 0 over D tiles, axis 1 over M chunks
     pid_d = tl.program_id(0)
@@ -90,6 +95,7 @@ def _lora_grad_kernel(
 
     # --- main loop over this chunk's rows
     acc = tl.zeros((BLOCK_D, R), dtype=ACC)
+    dm = tl.zeros((BLOCK_D,), dtype=ACC)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + offs_mb
         mask_m = offs_m < m_end
@@ -107,9 +113,18 @@ def _lora_grad_kernel(
         if DROPOUT:
             keep = dropout_keep(seed, offs_m, pid_d * BLOCK_D, BLOCK_D, dropout_threshold)
             v = tl.where(keep, v, 0.0)
+        if DM:
+            z = tl.load(
+                z_ptr + rows[:, None] * stride_zm + offs_d.to(tl.int64)[None, :] * stride_zd,
+                mask=mask_m[:, None] & mask_d[None, :],
+                other=0.0,
+            )
+            dm += tl.sum(v.to(ACC) * z.to(ACC), axis=0)
         acc = mma_f32_rhs(tl.trans(v), u, acc, PRECISION, UPCAST)
 
     # --- epilogue: one float32 partial per (chunk, D tile); masked rows r >= RANK never stored
+    if DM:
+        tl.store(dm_ptr + pid_s * D + offs_d, dm, mask=mask_d)
     if DROPOUT:
         acc = acc * dropout_scale
     part_ptrs = (
@@ -125,6 +140,8 @@ def _lora_grad_tma_kernel(
     v_desc,  # V (M, D), block (BLOCK_M, BLOCK_D)
     # pointers
     part_ptr,  # partials (SPLIT, RANK, D) ACC (any strides: dA writes them transposed)
+    z_desc,  # DM: DoRA's z (M, D), block (BLOCK_M, BLOCK_D); else None
+    dm_ptr,  # DM: partials (SPLIT, D) ACC, contiguous; else None
     # sizes
     M,
     D,
@@ -148,6 +165,7 @@ def _lora_grad_tma_kernel(
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    DM: tl.constexpr,
 ):
     num_d = tl.cdiv(D, BLOCK_D)
     for item in range(tl.program_id(0), num_d * SPLIT, NUM_PROGRAMS):
@@ -161,9 +179,13 @@ def _lora_grad_tma_kernel(
 
         # --- main loop over this chunk's rows
         acc = tl.zeros((BLOCK_D, R), dtype=ACC)
+        dm = tl.zeros((BLOCK_D,), dtype=ACC)
         for m0 in range(m_start, m_end, BLOCK_M):
             u = u_desc.load([m0, 0])
             v = v_desc.load([m0, pid_d * BLOCK_D])
+            if DM:  # (rows past M read as zeros, in z and in V)
+                z = z_desc.load([m0, pid_d * BLOCK_D])
+                dm += tl.sum(v.to(ACC) * z.to(ACC), axis=0)
             if DROPOUT:
                 offs_m = m0 + tl.arange(0, BLOCK_M)
                 keep = dropout_keep(seed, offs_m, pid_d * BLOCK_D, BLOCK_D, dropout_threshold)
@@ -171,6 +193,8 @@ def _lora_grad_tma_kernel(
             acc = mma_f32_rhs(tl.trans(v), u, acc, PRECISION, UPCAST)
 
         # --- epilogue: one float32 partial per (chunk, D tile), as the pointer kernel's
+        if DM:
+            tl.store(dm_ptr + pid_s * D + offs_d, dm, mask=offs_d < D)
         if DROPOUT:
             acc = acc * dropout_scale
         part_ptrs = (
@@ -193,7 +217,8 @@ def lora_grad(
     seed: int = 0,
     name: str = "lora_bwd_dB",
     col_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
+    z: torch.Tensor | None = None,
+):
     """``u (M, r)`` float32, ``v (M, D)`` -> ``u^T drop(v)`` as ``(r, D)``, or ``(D, r)`` with
     ``transpose_out``, in ``out_dtype``: one launch of either kernel, then the fixed-order sum
     of the partials. ``col_scale`` ``(D,)`` (DoRA's ``c``, ACC dtype): the sum's ``D`` side
@@ -202,12 +227,17 @@ def lora_grad(
     float16 ``v``: the kernels split ``u`` into float16 ``hi + lo`` for the dots, so ``u``'s
     columns are first brought under float16's range by exact powers of two
     (``fit_fp16_columns``) and the sum scaled back: the LoRA intermediate keeps float32's
-    range."""
+    range.
+
+    ``z`` (DoRA's dB launch, ``v``'s shape, no dropout): also ``sum_rows(v z)``
+    ``(D,)`` in ACC, from the same tiles of ``v`` (one more read, of ``z``): then returns
+    ``(grad, that sum)``."""
     (m, rank), d = u.shape, v.shape[1]
     if m == 0:
-        return torch.zeros(
+        grad = torch.zeros(
             (d, rank) if transpose_out else (rank, d), dtype=out_dtype, device=u.device
         )
+        return grad if z is None else (grad, torch.zeros(d, dtype=u.dtype, device=u.device))
     # The chunks are multiples of BLOCK_M; the partials lie in the output's own layout, so the
     # host-side sum lands contiguous.
     fit = None
@@ -217,6 +247,7 @@ def lora_grad(
     chunk = triton.cdiv(triton.cdiv(m, split), config["BLOCK_M"]) * config["BLOCK_M"]
     split = triton.cdiv(m, chunk)
     part = alloc((split, *((d, rank) if transpose_out else (rank, d))), u.dtype, u.device)
+    dm = alloc((split, d), u.dtype, u.device) if z is not None else None
     stride_ps, first, second = part.stride()
     part_strides = (stride_ps, second, first) if transpose_out else (stride_ps, first, second)
     meta = {
@@ -225,22 +256,28 @@ def lora_grad(
         "ACC": tl_dtype(u.dtype),
         "PRECISION": precision,
         "UPCAST": upcast,
+        "DM": z is not None,
         **{key: value for key, value in config.items() if key != "TMA"},
     }
     scalars = (keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p), seed)
-    if config.get("TMA") and supports(u, v):
+    if config.get("TMA") and supports(u, v) and (z is None or supports(u, z)):
         u_desc = TensorDescriptor.from_tensor(u, [meta["BLOCK_M"], meta["R"]])
         v_desc = TensorDescriptor.from_tensor(v, [meta["BLOCK_M"], meta["BLOCK_D"]])
+        z_desc = None
+        if z is not None:
+            z_desc = TensorDescriptor.from_tensor(z, [meta["BLOCK_M"], meta["BLOCK_D"]])
         programs = min(num_sms, triton.cdiv(d, meta["BLOCK_D"]) * split)
-        args = (u_desc, v_desc, part, m, d, rank, chunk, split, programs, *part_strides, *scalars)
+        args = (u_desc, v_desc, part, z_desc, dm, m, d, rank, chunk, split, programs,
+                *part_strides, *scalars)  # fmt: skip
         launch(name, _lora_grad_tma_kernel, (programs,), args, meta)
     else:
         args = (
-            u, v, part,
+            u, v, part, z, dm,
             m, d, rank, chunk,
             u.stride(0), u.stride(1),
             v.stride(0), v.stride(1),
             *part_strides,
+            *((0, 0) if z is None else z.stride()),
             *scalars,
         )  # fmt: skip
         launch(name, _lora_grad_kernel, (triton.cdiv(d, meta["BLOCK_D"]), split), args, meta)
@@ -250,6 +287,8 @@ def lora_grad(
         total = total * (fit[None, :] if transpose_out else fit[:, None])
     if col_scale is not None:  # (the D side)
         total = total * (col_scale[:, None] if transpose_out else col_scale[None, :])
+    if dm is not None:  # (the same fixed-order sum)
+        return total.to(out_dtype), dm[0] if split == 1 else dm.sum(0)
     return total.to(out_dtype)
 
 
