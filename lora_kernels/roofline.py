@@ -18,7 +18,7 @@ Providers (x requires grad; W, b frozen; A, B trainable; dW, db not computed):
 - DoRA at dropout 0 (``--dora``; docs/dora.md): ``peft_dora``, peft's ops (the norm of the
   materialized ``W + s B A``, the column scales as separate elementwise ops and their backward,
   the base output reused); ``lora_kernels_dora``, our launches plus the factored norm's pass
-  over ``W``, ``z``'s store and the magnitude's reduction over ``dY`` and ``z``.
+  over ``W``, ``z``'s store and ``z``'s read in the dB launch (the magnitude's sum).
 
 On H100 the launches run the Hopper path (docs/kernels.md): TMA descriptors over a persistent
 grid, 16-bit inputs, all but dx with dropout. That changes no FLOP and no DRAM byte of the model:
@@ -193,8 +193,10 @@ def _dora_kernels(provider: str, shape: Shape, mode: str, gpu: str) -> list[tupl
             out.insert(0, ("norm: W A (factored)", 2 * nk * r, e * nk + 4 * n * r))
             name, fl, by = out[-1][:3]
             out[-1] = (f"{name} + c, z stored", fl, by + e * mn)
-        else:
-            out.append(("dm = sum(dY z) / n", 2 * mn, 2 * e * mn))
+        else:  # the magnitude's sum in the dB launch: z read beside its dY tiles
+            i = next(i for i, kernel in enumerate(out) if kernel[0].startswith("lora_bwd_dB"))
+            name, fl, by = out[i][:3]
+            out[i] = (f"{name} + dm = sum(dY z)", fl + 2 * mn, by + e * mn)
         return out
     if mode == "fwd":  # peft's DoRA forward (base result reused at dropout 0)
         out.append(("base y = x W^T", *_gemm(m, n, k, e)))

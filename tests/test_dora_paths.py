@@ -165,3 +165,43 @@ def test_magnitude_alone_trains_with_an_expanded_dy(backend):
     assert_close("y", y, y_ref, TOL[backend][torch.float32])
     for name in ("x", "magnitude"):
         assert_close(f"d{name}", leaves[name].grad, grads[name], TOL[backend][torch.float32])
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compile_fullgraph_over_dora_layers(backend, monkeypatch):
+    """``torch.compile(fullgraph=True)`` over DoRA layers: at dropout 0 eager's output and
+    every gradient (magnitudes included); with dropout it compiles into one graph too (its
+    mask then comes from the compiled generator: checked for shapes and finiteness)."""
+    from torch import nn
+
+    from lora_kernels import validation
+
+    if backend == "triton":  # (auto picks the kernels on CPU tensors in the interpreter)
+        monkeypatch.setattr(validation, "AUTO_TRITON_DEVICE_TYPES", ("cuda", "cpu"))
+    device = DEVICE[backend]
+    for p in (0.0, 0.2):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            LoRALayer(16, 32, rank=4, dropout=p, use_dora=True), nn.GELU(),
+            LoRALayer(32, 8, rank=2, dropout=p, use_dora=True),
+        ).to(device)  # fmt: skip
+        with torch.no_grad():
+            for layer in (model[0], model[2]):
+                layer.lora_B.normal_()
+        x = torch.randn(2, 5, 16, device=device, requires_grad=True)
+        results = []
+        for fn in (model, torch.compile(model, fullgraph=True)):
+            y = fn(x)
+            y.square().mean().backward()
+            grads = [q.grad.clone() for q in model.parameters() if q.requires_grad]
+            results.append((y.detach(), x.grad.clone(), grads))
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+        (y0, dx0, g0), (y1, dx1, g1) = results
+        assert len(g1) == 6 and all(g.isfinite().all() for g in g1) and y1.isfinite().all()
+        if p == 0.0:
+            assert_close("y", y1, y0.double(), 1e-5)
+            assert_close("dx", dx1, dx0.double(), 1e-5)
+            for i, (got, want) in enumerate(zip(g1, g0)):
+                assert_close(f"grad {i}", got, want.double(), 1e-5)
