@@ -75,8 +75,9 @@ def test_roofline_reproduces_the_design_figures():
 
 def test_roofline_models_dora_at_dropout_0(capsys):
     """DoRA's prediction: ours adds to our LoRA exactly the factored norm's pass over W, z's
-    store and z's read in the dB launch (the magnitude's sum); peft's DoRA adds its materialized norm and column-scale
-    passes to peft's LoRA GEMMs. Dropout (two base GEMMs for anyone) is not modelled: refused."""
+    store and z's read in the dB launch (the magnitude's sum); peft's DoRA adds its
+    materialized norm and column-scale passes to peft's LoRA GEMMs. Dropout (two base GEMMs
+    for anyone) is not modelled: refused."""
     from lora_kernels import roofline
 
     shape = roofline.Shape(8192, 4096, 4096, 16)
