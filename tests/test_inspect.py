@@ -220,25 +220,31 @@ def build_dora(*args) -> list[dict]:
     return json.loads(out.stdout)
 
 
-DORA_ARCHS = ("sm_80", "sm_90", "sm_120")  # Ampere's tables, Hopper's (descriptors), 99 KiB
+# Ampere's tables, Hopper's (descriptors), and Blackwell's 99 KiB one (a group of its own: Triton
+# 3.2 has no Blackwell target, and `make compat` leaves "blackwell" out for it)
+DORA_GROUPS = {"ampere_hopper": ("sm_80", "sm_90"), "blackwell": ("sm_120",)}
 
 
-def test_dora_builds():
+@pytest.mark.parametrize("group", sorted(DORA_GROUPS))
+def test_dora_builds(group):
     """DoRA's three changed launches (the column scale and z's store in the forward's epilogue,
     c on the dx pass's dY tiles, the magnitude's sum beside dB's) build for each table on
     tensor cores within shared memory, with every Triton ``make compat`` runs; Hopper's on
     descriptors (rank 16)."""
+    archs = DORA_GROUPS[group]
     args = ["--dtype", "bfloat16", "--rank", "16"]
-    for arch in DORA_ARCHS:
+    for arch in archs:
         args += ["--arch", arch]
     rows = build_dora(*args)
     got = sorted((r["kernel"], r["arch"]) for r in rows)
     kernels = ("lora_bwd_dB", "lora_bwd_dx", "lora_fwd")
-    assert got == sorted((k, a) for k in kernels for a in DORA_ARCHS)
+    assert got == sorted((k, a) for k in kernels for a in archs)
     for row in rows:
         assert 0 < row["registers"] <= 255 and row["shared_bytes"] <= row["shared_limit"], row
         assert row["mma_ops"].get(ARCHS[row["arch"]].mma, 0) > 0, row
-    assert {r["kernel"] for r in rows if r["arch"] == "sm_90" and r["descriptors"]} == set(kernels)
+    if "sm_90" in archs:
+        hopper = {r["kernel"] for r in rows if r["arch"] == "sm_90" and r["descriptors"]}
+        assert hopper == set(kernels)
 
 
 def test_no_spills_dora():
