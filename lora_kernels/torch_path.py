@@ -63,11 +63,12 @@ def lora_dtype(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> torch.dtype:
 
 def _forward_branch(x: torch.Tensor, adapter_dtype: torch.dtype) -> torch.dtype:
     """``lora_dtype`` for forward, where under ``torch.autocast`` autocast's dtype rules the
-    products (as in peft's branch): then ``x``'s (already autocast's), with no wider copy."""
-    kind = x.device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+    products (as in peft's branch): then ``x``'s (already autocast's), with no wider copy.
+    (Autocast is asked only when the branch would be wider: most calls never ask.)"""
+    branch = lora_dtype(x.dtype, adapter_dtype)
+    if branch != x.dtype and torch.is_autocast_enabled(x.device.type):
         return x.dtype
-    return lora_dtype(x.dtype, adapter_dtype)
+    return branch
 
 
 def forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
