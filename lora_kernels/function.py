@@ -289,8 +289,9 @@ class DoRALinearFunction(torch.autograd.Function):
     torch path onto ``W``'s rows and ``B``'s columns (thin copies; ``dz`` is never made either).
 
     With dropout (PyTorch ops on every backend: ``torch_path.dora_dropout_forward``): saved
-    ``x``, ``S = x_d A`` and ``U = mask(x) W^T`` (``(M, N)``, for ``dm`` only), the seed (the
-    mask is regenerated, never stored). Double backward: refused.
+    ``x`` (by reference, for ``dA`` or ``dW``), ``S = x_d A`` and ``U = mask(x) W^T``
+    (``(M, N)``, for ``dm`` only), the seed (the mask is regenerated, never stored). Double
+    backward: refused.
     """
 
     @staticmethod
@@ -316,8 +317,8 @@ class DoRALinearFunction(torch.autograd.Function):
                 x2, weight, bias, lora_A, lora_B, c, scaling, dropout_p, seed
             )
             ctx.save_for_backward(
-                x, weight, lora_A, lora_B, S if (need_lb or need_m) else None,
-                U if need_m else None, c, norm,
+                x if (need_a or need_w) else None, weight, lora_A, lora_B,
+                S if (need_lb or need_m) else None, U if need_m else None, c, norm,
             )  # fmt: skip
             ctx.seed, ctx.plan = seed, None
             return y2 if y2.shape == out_shape else torch.ops.aten._unsafe_view(y2, out_shape)
