@@ -195,8 +195,7 @@ def mma_f32_lhs(a_f32, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def mma_f32_rhs(a, b_f32, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``acc + a @ b_f32``: ``mma_f32_lhs`` with the float32 operand on the right. NOTE: with
-    float16 ``a`` the caller keeps ``b_f32`` under float16's range
-    (``lora_grad.fit_fp16_columns``)."""
+    float16 ``a`` the caller keeps ``b_f32`` under float16's range (``lora_grad``'s ``FIT``)."""
     if a.dtype == b_f32.dtype:
         return mma(a, b_f32, acc, PRECISION, UPCAST)
     else:

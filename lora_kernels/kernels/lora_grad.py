@@ -33,6 +33,7 @@ from .common import (
     alloc,
     describable,
     dropout_keep,
+    fp16_fit,
     launch,
     mma_f32_rhs,
     padded_rank,
@@ -53,6 +54,7 @@ def _lora_grad_kernel(
     part_ptr,  # partials (SPLIT, RANK, D) ACC (any strides: dA writes them transposed)
     z_ptr,  # DM: DoRA's z (M, D); else None
     dm_ptr,  # DM: partials (SPLIT, D) ACC of sum_rows(V z), contiguous; else None
+    fit_ptr,  # FIT: (2, RANK) float32: U's column scales, then their inverses; else None
     # sizes
     M,
     D,
@@ -81,6 +83,7 @@ def _lora_grad_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     DM: tl.constexpr,  # DoRA's dB launch: also sum_rows(dY z), the magnitude's gradient
+    FIT: tl.constexpr,  # float16 V: U's columns times fit's inverses, the sum times its scales
 ):
     # --- tile mapping: axis 0 over D tiles, axis 1 over M chunks
     pid_d = tl.program_id(0)
@@ -92,6 +95,10 @@ def _lora_grad_kernel(
     mask_r = offs_r < RANK
     m_start = pid_s * CHUNK
     m_end = min(m_start + CHUNK, M)
+
+    if FIT:
+        fit_scale = tl.load(fit_ptr + offs_r, mask=mask_r, other=1.0)
+        fit_inv = tl.load(fit_ptr + RANK + offs_r, mask=mask_r, other=1.0)
 
     # --- main loop over this chunk's rows
     acc = tl.zeros((BLOCK_D, R), dtype=ACC)
@@ -105,6 +112,8 @@ def _lora_grad_kernel(
             mask=mask_m[:, None] & mask_r[None, :],
             other=0.0,
         )
+        if FIT:
+            u = u * fit_inv[None, :]
         v = tl.load(
             v_ptr + rows[:, None] * stride_vm + offs_d.to(tl.int64)[None, :] * stride_vd,
             mask=mask_m[:, None] & mask_d[None, :],
@@ -125,6 +134,8 @@ def _lora_grad_kernel(
     # --- epilogue: one float32 partial per (chunk, D tile); masked rows r >= RANK never stored
     if DM:
         tl.store(dm_ptr + pid_s * D + offs_d, dm, mask=mask_d)
+    if FIT:
+        acc = acc * fit_scale[None, :]
     if DROPOUT:
         acc = acc * dropout_scale
     part_ptrs = (
@@ -142,6 +153,7 @@ def _lora_grad_tma_kernel(
     part_ptr,  # partials (SPLIT, RANK, D) ACC (any strides: dA writes them transposed)
     z_desc,  # DM: DoRA's z (M, D), block (BLOCK_M, BLOCK_D); else None
     dm_ptr,  # DM: partials (SPLIT, D) ACC, contiguous; else None
+    fit_ptr,  # FIT: as the pointer kernel's
     # sizes
     M,
     D,
@@ -166,8 +178,13 @@ def _lora_grad_tma_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     DM: tl.constexpr,
+    FIT: tl.constexpr,
 ):
     num_d = tl.cdiv(D, BLOCK_D)
+    if FIT:
+        offs_fit = tl.arange(0, R)
+        fit_scale = tl.load(fit_ptr + offs_fit, mask=offs_fit < RANK, other=1.0)
+        fit_inv = tl.load(fit_ptr + RANK + offs_fit, mask=offs_fit < RANK, other=1.0)
     for item in range(tl.program_id(0), num_d * SPLIT, NUM_PROGRAMS):
         # --- work mapping: D tiles fastest, as the pointer kernel's grid axis 0
         pid_d = item % num_d
@@ -182,6 +199,8 @@ def _lora_grad_tma_kernel(
         dm = tl.zeros((BLOCK_D,), dtype=ACC)
         for m0 in range(m_start, m_end, BLOCK_M):
             u = u_desc.load([m0, 0])
+            if FIT:
+                u = u * fit_inv[None, :]
             v = v_desc.load([m0, pid_d * BLOCK_D])
             if DM:  # (rows past M read as zeros, in z and in V)
                 z = z_desc.load([m0, pid_d * BLOCK_D])
@@ -195,12 +214,39 @@ def _lora_grad_tma_kernel(
         # --- epilogue: one float32 partial per (chunk, D tile), as the pointer kernel's
         if DM:
             tl.store(dm_ptr + pid_s * D + offs_d, dm, mask=offs_d < D)
+        if FIT:
+            acc = acc * fit_scale[None, :]
         if DROPOUT:
             acc = acc * dropout_scale
         part_ptrs = (
             part_ptr + pid_s * stride_ps + offs_d[:, None] * stride_pd + offs_r[None, :] * stride_pr
         )
         tl.store(part_ptrs, acc, mask=(offs_d < D)[:, None] & (offs_r < RANK)[None, :])
+
+
+@triton.jit
+def _fp16_fit_kernel(u_ptr, fit_ptr, M, RANK, stride_um, stride_ur, R: tl.constexpr,
+                     BLOCK_M: tl.constexpr):  # fmt: skip
+    """One program: ``U``'s column magnitudes (``(M, RANK)`` float32), and per column the power
+    of two (and inverse) that brings it under float16's range (``common.fp16_fit``), into
+    ``fit`` ``(2, RANK)``."""
+    offs_r = tl.arange(0, R)
+    mask_r = offs_r < RANK
+    big = tl.zeros((R,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        u = tl.load(
+            u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur,
+            mask=(rows < M)[:, None] & mask_r[None, :],
+            other=0.0,
+        )
+        big = tl.maximum(big, tl.max(tl.abs(u), axis=0))
+    scale, inv = fp16_fit(big)
+    tl.store(fit_ptr + offs_r, scale, mask=mask_r)
+    tl.store(fit_ptr + RANK + offs_r, inv, mask=mask_r)
+
+
+FIT_BLOCK_M = 128  # rows of U per step of the fit kernel
 
 
 def lora_grad(
@@ -225,9 +271,11 @@ def lora_grad(
     times it before the one rounding (``u^T (v c)``).
 
     float16 ``v``: the kernels split ``u`` into float16 ``hi + lo`` for the dots, so ``u``'s
-    columns are first brought under float16's range by exact powers of two
-    (``fit_fp16_columns``) and the sum scaled back: the LoRA intermediate keeps float32's
-    range.
+    columns are brought under float16's range by exact powers of two as they are loaded, and
+    the sum scaled back (exact): the LoRA intermediate keeps float32's range. The powers come
+    from one small launch over ``u`` (``lora_fp16_fit``: one program, ``M x r`` read). NOTE:
+    found in the reductions themselves (per step, or a first pass over each chunk), they
+    spilled 3 to 70 instructions (sm_80, sm_100, sm_120).
 
     ``z`` (DoRA's dB launch, ``v``'s shape, no dropout): also ``sum_rows(v z)``
     ``(D,)`` in ACC, from the same tiles of ``v`` (one more read, of ``z``): then returns
@@ -242,7 +290,10 @@ def lora_grad(
     # host-side sum lands contiguous.
     fit = None
     if v.dtype == torch.float16 and u.dtype == torch.float32:
-        u, fit = fit_fp16_columns(u)
+        fit = alloc((2, rank), torch.float32, u.device)
+        fit_args = (u, fit, m, rank, u.stride(0), u.stride(1))
+        fit_meta = {"R": padded_rank(rank), "BLOCK_M": FIT_BLOCK_M, "num_warps": 4}
+        launch("lora_fp16_fit", _fp16_fit_kernel, (1,), fit_args, fit_meta)
     split = num_splits(m, d, config, num_sms)
     chunk = triton.cdiv(triton.cdiv(m, split), config["BLOCK_M"]) * config["BLOCK_M"]
     split = triton.cdiv(m, chunk)
@@ -257,6 +308,7 @@ def lora_grad(
         "PRECISION": precision,
         "UPCAST": upcast,
         "DM": z is not None,
+        "FIT": fit is not None,
         **{key: value for key, value in config.items() if key != "TMA"},
     }
     scalars = (keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p), seed)
@@ -267,12 +319,12 @@ def lora_grad(
         if z is not None:
             z_desc = TensorDescriptor.from_tensor(z, [meta["BLOCK_M"], meta["BLOCK_D"]])
         programs = min(num_sms, triton.cdiv(d, meta["BLOCK_D"]) * split)
-        args = (u_desc, v_desc, part, z_desc, dm, m, d, rank, chunk, split, programs,
+        args = (u_desc, v_desc, part, z_desc, dm, fit, m, d, rank, chunk, split, programs,
                 *part_strides, *scalars)  # fmt: skip
         launch(name, _lora_grad_tma_kernel, (programs,), args, meta)
     else:
         args = (
-            u, v, part, z, dm,
+            u, v, part, z, dm, fit,
             m, d, rank, chunk,
             u.stride(0), u.stride(1),
             v.stride(0), v.stride(1),
@@ -283,27 +335,11 @@ def lora_grad(
         launch(name, _lora_grad_kernel, (triton.cdiv(d, meta["BLOCK_D"]), split), args, meta)
     # NOTE: a fixed-order sum over the split axis (no atomics): deterministic run to run.
     total = part[0] if split == 1 else part.sum(0)
-    if fit is not None:  # (per rank: the r side)
-        total = total * (fit[None, :] if transpose_out else fit[:, None])
     if col_scale is not None:  # (the D side)
         total = total * (col_scale[:, None] if transpose_out else col_scale[None, :])
     if dm is not None:  # (the same fixed-order sum)
         return total.to(out_dtype), dm[0] if split == 1 else dm.sum(0)
     return total.to(out_dtype)
-
-
-def fit_fp16_columns(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(u / scale, scale)``: ``scale`` ``(r,)`` a power of two per column of ``u`` ``(M, r)``
-    bringing it under ``2**15`` in magnitude (1 where it already is, and for inf / NaN), so the
-    kernels' float16 ``hi`` part never overflows (float16 ends at 65504). Exact both ways.
-    Five small ops over ``u`` (``M x r``, float16 calls only), no host sync; done here, not in
-    the kernels: a first pass over each chunk of ``u`` there spilled 66-70 instructions
-    (sm_120, float16, rank 4)."""
-    big = u.abs().amax(0)
-    _, exponent = torch.frexp(big)  # big < 2 ** exponent
-    shift = torch.where(torch.isfinite(big), (exponent - 15).clamp_min(0), 0)
-    scale = torch.ldexp(torch.ones_like(big), shift)
-    return u / scale, scale
 
 
 def num_splits(m: int, d: int, config: dict, num_sms: int) -> int:
