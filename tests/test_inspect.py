@@ -230,7 +230,7 @@ def test_dora_builds(group):
     """DoRA's three changed launches (the column scale and z's store in the forward's epilogue,
     c on the dx pass's dY tiles, the magnitude's sum beside dB's) build for each table on
     tensor cores within shared memory, with every Triton ``make compat`` runs; Hopper's on
-    descriptors (rank 16)."""
+    descriptors (rank 16) where the Triton has them."""
     archs = DORA_GROUPS[group]
     args = ["--dtype", "bfloat16", "--rank", "16"]
     for arch in archs:
@@ -244,7 +244,8 @@ def test_dora_builds(group):
         assert row["mma_ops"].get(ARCHS[row["arch"]].mma, 0) > 0, row
     if "sm_90" in archs:
         hopper = {r["kernel"] for r in rows if r["arch"] == "sm_90" and r["descriptors"]}
-        assert hopper == set(kernels)
+        # (Triton 3.2 and 3.3, in make compat, have no host descriptors: pointers everywhere)
+        assert hopper == (set() if common.TensorDescriptor is None else set(kernels))
 
 
 def test_no_spills_dora():
