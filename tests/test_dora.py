@@ -151,8 +151,8 @@ def dora_case(dtype, gen, n=12, k=24, r=4, lead=(2, 5)):
         (torch.float64, "torch", 0.3, 1e-12),
         (torch.float32, "torch", 0.0, 1e-5),
         (torch.float32, "torch", 0.3, 1e-5),
-        # the fused LoRA kernel (in the interpreter), then the column scale; with dropout DoRA
-        # runs PyTorch ops on every backend (no DoRA kernel yet)
+        # the fused DoRA launch (interpreter: the column scale in its epilogue); with dropout DoRA
+        # runs PyTorch ops on every backend (no fused dropout kernel yet)
         (torch.float32, "triton", 0.0, 1e-4),
     ],
 )
