@@ -147,13 +147,7 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.plan = scaling, dropout_p, seed, plan
         ctx.cast_here = cast_here
         ctx.packed, ctx.strategy = packed, strategy
-        out_shape = (*x.shape[:-1], n_out)
-        if y2.shape == out_shape:
-            return y2
-        # NOTE: not a view of y2 (F.linear folds batch dimensions the same way): autograd refuses
-        # in-place ops on a custom Function's output that is a view made inside it, and users
-        # take nn.Linear's output in place (`y += residual`, `nn.ReLU(inplace=True)`).
-        return torch.ops.aten._unsafe_view(y2, out_shape)
+        return _as_output(y2, (*x.shape[:-1], n_out))
 
     @staticmethod
     def backward(ctx, dy):
@@ -187,6 +181,16 @@ class LoRALinearFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)
         return dx, dw, db, da, dlb, None, None, None, None
+
+
+def _as_output(y2: torch.Tensor, out_shape) -> torch.Tensor:
+    """The 2-D result as the caller's ``(..., N)`` output. NOTE: not a view of ``y2`` (F.linear
+    folds batch dimensions the same way): autograd refuses in-place ops on a custom Function's
+    output that is a view made inside it, and users take nn.Linear's output in place
+    (``y += residual``, ``nn.ReLU(inplace=True)``)."""
+    if y2.shape == out_shape:
+        return y2
+    return torch.ops.aten._unsafe_view(y2, out_shape)
 
 
 def _rows(shape) -> int:
@@ -321,7 +325,7 @@ class DoRALinearFunction(torch.autograd.Function):
                 S if (need_lb or need_m) else None, U if need_m else None, c, norm,
             )  # fmt: skip
             ctx.seed, ctx.plan = seed, None
-            return y2 if y2.shape == out_shape else torch.ops.aten._unsafe_view(y2, out_shape)
+            return _as_output(y2, out_shape)
         plan = None
         if backend == "triton" and k_in > 0 and n_out > 0:
             key = (x2.device, x2.dtype, x2.shape[0], k_in, n_out, lora_A.shape[1], False)
@@ -350,8 +354,7 @@ class DoRALinearFunction(torch.autograd.Function):
             norm,
         )
         ctx.plan = plan
-        # (not a view of y2: see LoRALinearFunction.forward)
-        return y2 if y2.shape == out_shape else torch.ops.aten._unsafe_view(y2, out_shape)
+        return _as_output(y2, out_shape)
 
     @staticmethod
     def backward(ctx, dy):

@@ -442,8 +442,18 @@ def backward_op(
         tuple(needs),
         plan=plan_from_str(plan),
     )
-    likes = (dy, dy, dy, lora_A, lora_B)  # the fake's dtypes (dA and dB: the adapters')
+    return _op_grads(grads, (dy, dy, dy, lora_A, lora_B))
+
+
+def _op_grads(grads, likes) -> list[torch.Tensor]:
+    """A backward op's results: each gradient, or an empty tensor like ``likes``' (the fake's
+    dtypes: dA and dB the adapters') where it is ``None``."""
     return [like.new_empty(0) if g is None else g for g, like in zip(grads, likes)]
+
+
+def _fake_grads(shapes, likes, needs) -> list[torch.Tensor]:
+    """A backward op's fake results: ``shapes`` where ``needs`` says so, else empty."""
+    return [like.new_empty(s if need else (0,)) for s, like, need in zip(shapes, likes, needs)]
 
 
 @backward_op.register_fake
@@ -451,8 +461,7 @@ def _(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, plan, needs, w
       w_code=None, w_meta=None):  # fmt: skip
     (m, n), k, r = dy.shape, w_meta[1] if w_meta else weight.shape[1], lora_A.shape[1]
     shapes = [(m, k), (n, k), (n,), (k, r), (r, n)]
-    likes = (dy, dy, dy, lora_A, lora_B)
-    return [like.new_empty(s if need else (0,)) for s, like, need in zip(shapes, likes, needs)]
+    return _fake_grads(shapes, (dy, dy, dy, lora_A, lora_B), needs)
 
 
 @torch.library.custom_op("lora_kernels::dora_forward", mutates_args=())
@@ -508,17 +517,14 @@ def dora_backward_op(
         plan=plan_from_str(plan), col_scale=col_scale, z=z,
     )  # fmt: skip
     grads = (*grads, None) if z is None else grads
-    likes = (dy, dy, dy, lora_A, lora_B, col_scale)
-    return [like.new_empty(0) if g is None else g for g, like in zip(grads, likes)]
+    return _op_grads(grads, (dy, dy, dy, lora_A, lora_B, col_scale))
 
 
 @dora_backward_op.register_fake
 def _(dy, x, weight, lora_A, lora_B, T, scaling, col_scale, plan, needs, z=None):
     (m, n), k, r = dy.shape, weight.shape[1], lora_A.shape[1]
     shapes = [(m, k), (n, k), (n,), (k, r), (r, n), (n,)]
-    likes = (dy, dy, dy, lora_A, lora_B, col_scale)
-    needs = [*needs, z is not None]
-    return [like.new_empty(s if need else (0,)) for s, like, need in zip(shapes, likes, needs)]
+    return _fake_grads(shapes, (dy, dy, dy, lora_A, lora_B, col_scale), [*needs, z is not None])
 
 
 @torch.library.custom_op("lora_kernels::dequantize_4bit", mutates_args=())

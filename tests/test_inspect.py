@@ -143,10 +143,11 @@ def test_hopper_builds_load_through_tma(built):
         assert {("lora_fwd", 0.0), ("lora_bwd_dx", 0.0), ("lora_fwd_t", 0.1)} <= on_tma
 
 
-def build_4bit(*args) -> list[dict]:
-    """``inspect --base nf4`` rows for the architectures, dtypes, ranks and dropouts given."""
+def build_base(base: str, *args) -> list[dict]:
+    """``inspect --base BASE`` rows for the architectures, dtypes, ranks and dropouts given
+    (``nf4``: the 4-bit base's launches; ``dora``: DoRA's, dropout 0)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "lora_kernels.inspect", "--json", "--base", "nf4", "--jobs", "2"]
+    cmd = [sys.executable, "-m", "lora_kernels.inspect", "--json", "--base", base, "--jobs", "2"]
     out = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -172,8 +173,8 @@ def check_4bit_rows(rows, groups) -> None:
 def test_4bit_builds():
     """A 4-bit base's kernels (docs/qlora.md) build for Ampere and Hopper: with every Triton
     ``make compat`` runs, at one rank; the dequantization kernel without spills."""
-    rows = build_4bit("--arch", "sm_80", "--arch", "sm_90", "--dtype", "bfloat16", "--rank", "16",
-                      "--dropout", "0")  # fmt: skip
+    rows = build_base("nf4", "--arch", "sm_80", "--arch", "sm_90", "--dtype", "bfloat16",
+                      "--rank", "16", "--dropout", "0")  # fmt: skip
     check_4bit_rows(rows, [(arch, "bfloat16", 16, 0.0) for arch in ("sm_80", "sm_90")])
     assert all(r["spills"] == 0 for r in rows if r["kernel"] == "dequant_4bit")
 
@@ -185,7 +186,7 @@ def test_no_spills_4bit():
     groups = [(a, "bfloat16", r, p) for a in archs for r in ranks for p in dropouts]
     args = ["--dtype", "bfloat16", "--arch", "sm_80", "--arch", "sm_90", "--rank", "16", "--rank",
             "64", "--dropout", "0", "--dropout", "0.1"]  # fmt: skip
-    rows = build_4bit(*args)
+    rows = build_base("nf4", *args)
     check_4bit_rows(rows, groups)
     spilling = [(r["kernel"], r["arch"], r["rank"], r["dropout"], r["spills"]) for r in rows
                 if r["spills"]]  # fmt: skip
@@ -211,15 +212,6 @@ def test_high_ranks_builds_over_shared_memory_fail_and_run_on_the_torch_path():
     assert KERNEL_MAX_RANK < 256
 
 
-def build_dora(*args) -> list[dict]:
-    """``inspect --base dora`` rows (DoRA's forward and dx launches, dropout 0)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "lora_kernels.inspect", "--json", "--base", "dora", "--jobs", "2"]
-    out = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
 # Ampere's tables, Hopper's (descriptors), and Blackwell's 99 KiB one (a group of its own: Triton
 # 3.2 has no Blackwell target, and `make compat` leaves "blackwell" out for it)
 DORA_GROUPS = {"ampere_hopper": ("sm_80", "sm_90"), "blackwell": ("sm_120",)}
@@ -235,7 +227,7 @@ def test_dora_builds(group):
     args = ["--dtype", "bfloat16", "--rank", "16"]
     for arch in archs:
         args += ["--arch", arch]
-    rows = build_dora(*args)
+    rows = build_base("dora", *args)
     got = sorted((r["kernel"], r["arch"]) for r in rows)
     kernels = ("lora_bwd_dB", "lora_bwd_dx", "lora_fwd")
     assert got == sorted((k, a) for k in kernels for a in archs)
@@ -253,7 +245,7 @@ def test_no_spills_dora():
     ranks 16 and 64 (Hopper's forward tile narrowed to 128: configs.DORA_MAX_BLOCK_N; dB with
     the magnitude's sum on 8 warps: configs.DORA_GRAD_MIN_WARPS)."""
     args = ["--dtype", "bfloat16", "--dtype", "float16", "--rank", "16", "--rank", "64"]
-    rows = build_dora(*args)
+    rows = build_base("dora", *args)
     assert len(rows) == 3 * len(ARCHS) * 2 * 2
     spilling = [(r["kernel"], r["arch"], r["dtype"], r["rank"], r["spills"]) for r in rows
                 if r["spills"]]  # fmt: skip

@@ -180,16 +180,20 @@ def mma_f32_lhs(a_f32, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         return mma(a_f32, b, acc, PRECISION, UPCAST)
     elif b.dtype == tl.float16:
         scale, inv = fp16_fit(tl.max(tl.abs(a_f32), axis=1))
-        a_f32 = a_f32 * inv[:, None]
-        a_hi = a_f32.to(b.dtype)
-        a_lo = (a_f32 - a_hi.to(a_f32.dtype)).to(b.dtype)
-        acc = mma(a_hi, b, acc * inv[:, None], PRECISION, UPCAST)
-        return mma(a_lo, b, acc, PRECISION, UPCAST) * scale[:, None]
+        acc = _split_lhs(a_f32 * inv[:, None], b, acc * inv[:, None], PRECISION, UPCAST)
+        return acc * scale[:, None]
     else:
-        a_hi = a_f32.to(b.dtype)
-        a_lo = (a_f32 - a_hi.to(a_f32.dtype)).to(b.dtype)
-        acc = mma(a_hi, b, acc, PRECISION, UPCAST)
-        return mma(a_lo, b, acc, PRECISION, UPCAST)
+        return _split_lhs(a_f32, b, acc, PRECISION, UPCAST)
+
+
+@triton.jit
+def _split_lhs(a_f32, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a_f32 @ b`` with ``a_f32`` split into ``hi + lo`` in ``b``'s dtype (``b``
+    16-bit, ``a_f32`` within its range): two dots."""
+    a_hi = a_f32.to(b.dtype)
+    a_lo = (a_f32 - a_hi.to(a_f32.dtype)).to(b.dtype)
+    acc = mma(a_hi, b, acc, PRECISION, UPCAST)
+    return mma(a_lo, b, acc, PRECISION, UPCAST)
 
 
 @triton.jit
