@@ -113,7 +113,7 @@ def build_providers(
     (``linear`` is bitsandbytes' layer alone, ``peft`` peft's QLoRA layer over it). ``dora``:
     ``lora_kernels`` and ``peft`` are DoRA layers (``dora_providers``)."""
     if dora:
-        return dora_providers(shape, dtype, device, dropout)
+        return dora_providers(shape, dtype, device, dropout, base_kind)
     m, k, n, r = shape
     gen = torch.Generator().manual_seed(0)
     base = nn.Linear(k, n, device=device, dtype=dtype).requires_grad_(False)
@@ -157,11 +157,12 @@ def build_providers(
     return providers
 
 
-def dora_providers(shape, dtype, device, dropout) -> dict[str, nn.Module]:
+def dora_providers(shape, dtype, device, dropout, base_kind="16bit") -> dict[str, nn.Module]:
     """DoRA: ``lora_kernels`` (``LoRALayer(use_dora=True)``) and ``peft`` (``use_dora=True``)
     with the same adapters and magnitudes, the same LoRA layers without DoRA
-    (``lora_kernels_lora``, ``peft_lora``), and the frozen ``linear``."""
-    lora = build_providers(shape, dtype, device, dropout)
+    (``lora_kernels_lora``, ``peft_lora``), and the frozen ``linear``; over an NF4 base
+    (``base_kind="nf4"``) QDoRA, ours and peft's."""
+    lora = build_providers(shape, dtype, device, dropout, base_kind)
     base, ours_lora = lora["linear"], lora["lora_kernels"]
     r = shape[3]
     ours = LoRALayer.from_linear(
@@ -177,11 +178,17 @@ def dora_providers(shape, dtype, device, dropout) -> dict[str, nn.Module]:
 
         model = nn.Sequential()
         model.add_module("proj", copy.deepcopy(base))
+        model.is_loaded_in_4bit = base_kind == "nf4"  # as transformers marks it: peft's bnb layer
         config = LoraConfig(
             r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["proj"], use_dora=True
         )
-        peft_model = get_peft_model(model, config).to(device, dtype)
+        peft_model = get_peft_model(model, config)
         layer = peft_model.base_model.model.proj
+        if base_kind == "nf4":  # the adapters only: a 4-bit weight is not cast
+            for module in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
+                module.to(device, dtype)
+        else:
+            peft_model.to(device, dtype)
         with torch.no_grad():
             layer.lora_A["default"].weight.copy_(ours.lora_A.t())
             layer.lora_B["default"].weight.copy_(ours.lora_B.t())
@@ -343,11 +350,14 @@ def check_targets(rows, device, device_name: str = "") -> list[str]:
     GPU at the target shape in bf16 (when the run includes it); memory on every row."""
     lines = []
     ours = [r for r in rows if r["provider"] == "lora_kernels" and r["mode"] == "fwd+bwd"]
+    if any(r.get("dora") for r in ours):  # (DoRA's targets, per base: QDoRA's too)
+        for base in sorted({r.get("base", "16bit") for r in ours}):
+            on_base = [r for r in rows if r.get("base", "16bit") == base]
+            lines += dora_targets(on_base, [r for r in ours if r in on_base], base)
+        return lines
     ours = [r for r in ours if r.get("base", "16bit") == "16bit"]  # the targets' base
     if not ours:
         return lines
-    if any(r.get("dora") for r in ours):
-        return dora_targets(rows, ours)
     if device.type == "cpu":
         biggest = max((r["M"] * r["K"] * r["N"], r["M"]) for r in ours)[1]
         for (other, p), bound in CPU_TARGETS.items():
@@ -385,10 +395,11 @@ def check_targets(rows, device, device_name: str = "") -> list[str]:
     return lines
 
 
-def dora_targets(rows, ours) -> list[str]:
+def dora_targets(rows, ours, base: str = "16bit") -> list[str]:
     """Issue 26's DoRA targets beside this run's fwd+bwd ratios at its largest shape, and the
-    bytes each DoRA layer saves for backward."""
+    bytes each DoRA layer saves for backward; ``rows`` and ``ours`` are one ``base``'s."""
     lines = []
+    over = "" if base == "16bit" else f", {base} base"
     biggest = max((r["M"] * r["K"] * r["N"], r["M"]) for r in ours)[1]
     times = {
         (r["provider"], r["dropout"]): r["median_ms"]
@@ -403,12 +414,13 @@ def dora_targets(rows, ours) -> list[str]:
         verdict = "met" if ratio <= bound else "MISSED"
         lines.append(
             f"DoRA target: fwd+bwd lora_kernels DoRA / {other} at dropout {p} <= {bound}x "
-            f"(M={biggest}): measured {ratio:.2f}x, {verdict}"
+            f"(M={biggest}{over}): measured {ratio:.2f}x, {verdict}"
         )
     for r in rows:
         if r["mode"] == "fwd+bwd" and r["provider"] in ("lora_kernels", "peft"):
             lines.append(
-                f"saved for backward, {r['provider']} DoRA, M={r['M']} dropout {r['dropout']}: "
+                f"saved for backward, {r['provider']} DoRA{over}, M={r['M']} dropout "
+                f"{r['dropout']}: "
                 f"{r['saved_bytes']} B ({r['saved_beyond_x']} B beyond x)"
             )
     return lines

@@ -8,6 +8,9 @@ the row norm of the merged weight. Expanding the square,
 needs one thin pass over ``W`` (``W A``: ``(N, r)``), the ``r x r`` Gram matrix ``A^T A`` and
 the base rows' squared norms, which stay constant while ``W`` is frozen (pass them in to skip
 that pass). Accumulated in float32 (float64 for float64), as the kernels accumulate.
+
+A bitsandbytes 4-bit ``W`` is decoded block of rows by block of rows (``quant.dequantize_rows``:
+the values the layer's base GEMM multiplies by, rounded to its compute dtype), never whole.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import weakref
 
 import torch
+
+from . import quant
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -27,19 +32,39 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 BLOCK_ELEMS = 2**22
 
 
-def _row_blocks(weight: torch.Tensor, acc: torch.dtype):
-    """``(i, j, W[i:j] in acc)`` over blocks of rows of ``weight``."""
-    n, k = weight.shape
+def values_dtype(weight: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of ``weight``'s values: its own; for a 4-bit weight ``dtype`` (what it is
+    dequantized to), which must be given."""
+    if not quant.is_4bit(weight):
+        return weight.dtype
+    if dtype is None:
+        raise ValueError("a 4-bit weight's norms need the dtype it is dequantized to (dtype=)")
+    return dtype
+
+
+def _row_blocks(weight: torch.Tensor, acc: torch.dtype, dtype: torch.dtype | None = None):
+    """``(i, j, W[i:j] in acc)`` over blocks of rows of ``weight`` (a 4-bit one decoded to
+    ``dtype`` first)."""
+    four_bit = quant.is_4bit(weight)
+    n, k = quant.shape(weight) if four_bit else weight.shape
     rows = max(1, BLOCK_ELEMS // max(k, 1))
     for i in range(0, n, rows):
-        yield i, min(i + rows, n), weight[i : i + rows].to(acc)
+        j = min(i + rows, n)
+        w = quant.dequantize_rows(weight, i, j, dtype) if four_bit else weight[i:j]
+        yield i, j, w.to(acc)
 
 
-def base_row_norms_sq(weight: torch.Tensor) -> torch.Tensor:
-    """``||W_j||^2`` for each output row of ``weight`` ``(N, K)``, in the accumulation dtype."""
-    acc = accumulation_dtype(weight.dtype)
-    out = torch.empty(weight.shape[0], dtype=acc, device=weight.device)
-    for i, j, w in _row_blocks(weight, acc):
+def _rows(weight: torch.Tensor) -> int:
+    return quant.shape(weight)[0] if quant.is_4bit(weight) else weight.shape[0]
+
+
+def base_row_norms_sq(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``||W_j||^2`` for each output row of ``weight`` ``(N, K)``, in the accumulation dtype;
+    ``dtype``: what a 4-bit ``weight`` is dequantized to (ignored otherwise)."""
+    dtype = values_dtype(weight, dtype)
+    acc = accumulation_dtype(dtype)
+    out = torch.empty(_rows(weight), dtype=acc, device=weight.device)
+    for i, j, w in _row_blocks(weight, acc, dtype):
         out[i:j] = (w * w).sum(dim=1)
     return out
 
@@ -51,25 +76,27 @@ _BASE_SQ: dict[int, tuple] = {}
 
 
 @torch.no_grad()
-def cached_base_sq(weight: torch.Tensor) -> torch.Tensor | None:
-    """``base_row_norms_sq(weight)``, computed once per state of ``weight``: kept beside the
-    tensor (weakly: it goes with it) and recomputed when the weight changes in place (its
+def cached_base_sq(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """``base_row_norms_sq(weight, dtype)``, computed once per state of ``weight``: kept beside
+    the tensor (weakly: it goes with it) and recomputed when the weight changes in place (its
     version counter: an optimizer step on an unfrozen base, a merge, ``load_state_dict``), or
-    its storage, dtype, device or shape (``.to()``, a ZeRO-3 gather). ``None`` where nothing
-    can be kept: under ``torch.compile`` (the graph computes it), on ``meta``, and for
-    inference-mode tensors (no version counter)."""
+    its storage, dtype, device or shape (``.to()``, a ZeRO-3 gather), or, for a 4-bit weight,
+    the dtype it is dequantized to. ``None`` where nothing can be kept: under
+    ``torch.compile`` (the graph computes it), on ``meta``, and for inference-mode tensors (no
+    version counter)."""
     if torch.compiler.is_compiling() or weight.device.type == "meta":
         return None
     try:
         version = weight._version
     except RuntimeError:  # an inference tensor
         return None
-    state = (version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
+    dtype = values_dtype(weight, dtype)
+    state = (version, weight.data_ptr(), weight.dtype, dtype, weight.device, tuple(weight.shape))
     key = id(weight)
     kept = _BASE_SQ.get(key)
     if kept is not None and kept[0]() is weight and kept[1] == state:
         return kept[2]
-    value = base_row_norms_sq(weight)
+    value = base_row_norms_sq(weight, dtype)
     ref = weakref.ref(weight, lambda _, key=key: _BASE_SQ.pop(key, None))
     _BASE_SQ[key] = (ref, state, value)
     return value
@@ -82,18 +109,21 @@ def weight_norm(
     lora_B: torch.Tensor,
     scaling: float,
     base_sq: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``n`` ``(N,)``: the row norms of ``W + s (A B)^T`` for ``weight`` ``(N, K)``, ``lora_A``
     ``(K, r)``, ``lora_B`` ``(r, N)``, by the factored form, ``W`` read in blocks of rows (no
     ``(N, K)`` temporary). ``base_sq``: :func:`base_row_norms_sq` of ``weight``, when cached.
+    ``dtype``: what a 4-bit ``weight`` is dequantized to (its rows decoded block by block).
     In the accumulation dtype, detached (DoRA's norm is a constant in backward); rounding can
     take ``n^2`` a hair below zero where a merged row vanishes: clamped at zero."""
-    acc = accumulation_dtype(torch.promote_types(weight.dtype, lora_A.dtype))
+    dtype = values_dtype(weight, dtype)
+    acc = accumulation_dtype(torch.promote_types(dtype, lora_A.dtype))
     a, bt = lora_A.to(acc), lora_B.to(acc).t()  # (K, r), (N, r)
-    n = weight.shape[0]
+    n = _rows(weight)
     wa = torch.empty(n, a.shape[1], dtype=acc, device=weight.device)  # the one pass over W
     sq = None if base_sq is not None else torch.empty(n, dtype=acc, device=weight.device)
-    for i, j, w in _row_blocks(weight, acc):
+    for i, j, w in _row_blocks(weight, acc, dtype):
         torch.mm(w, a, out=wa[i:j])
         if sq is not None:
             sq[i:j] = (w * w).sum(dim=1)

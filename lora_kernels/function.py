@@ -282,7 +282,9 @@ class DoRALinearFunction(torch.autograd.Function):
     constant (``dora.weight_norm``, detached as in peft).
 
     ``apply(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling=1.0, dropout_p=0.0,
-    seed=None, backend="auto")``, shapes as in :func:`dora_linear`, ``norm`` ``(N,)``.
+    seed=None, backend="auto", operand=None)``, shapes as in :func:`dora_linear`, ``norm``
+    ``(N,)``; for a 4-bit ``weight``, ``operand`` is its dequantized ``(N, K)`` values when the
+    caller has them (else they are made here), read in forward and never saved.
 
     Without dropout, ``y = c z + b`` with ``z = x W^T + s (x A) B``: one fused launch on the
     Triton path (the column scale and the bias in the kernel's epilogue). Saved beyond what
@@ -301,11 +303,17 @@ class DoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling=1.0, dropout_p=0.0,
-        seed=None, backend="auto",
+        seed=None, backend="auto", operand=None,
     ):  # fmt: skip
         requested = backend
         backend = validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
         scaling, dropout_p = float(scaling), float(dropout_p)
+        # A 4-bit base (frozen): computed over its dequantized values (``operand``, when the
+        # caller has them already: dora_linear took the norm from them), never kept.
+        packed = weight if quant.is_4bit(weight) else None
+        ctx.packed, ctx.strategy = packed, dense_strategy(backend)
+        if packed is not None:
+            weight = operand if operand is not None else base_operand(packed, x.dtype, ctx.strategy)
         n_out, k_in = weight.shape
         x2 = x.reshape(_rows(x.shape), k_in)
         need_x, need_w, _, need_a, need_lb, need_m = ctx.needs_input_grad[:6]
@@ -321,8 +329,8 @@ class DoRALinearFunction(torch.autograd.Function):
                 x2, weight, bias, lora_A, lora_B, c, scaling, dropout_p, seed
             )
             ctx.save_for_backward(
-                x if (need_a or need_w) else None, weight, lora_A, lora_B,
-                S if (need_lb or need_m) else None, U if need_m else None, c, norm,
+                x if (need_a or need_w) else None, weight if packed is None else None, lora_A,
+                lora_B, S if (need_lb or need_m) else None, U if need_m else None, c, norm,
             )  # fmt: skip
             ctx.seed, ctx.plan = seed, None
             return _as_output(y2, out_shape)
@@ -345,7 +353,7 @@ class DoRALinearFunction(torch.autograd.Function):
                 y2 = z.mul_(c_x) if bias is None else z.mul_(c_x).add_(bias)
         ctx.save_for_backward(
             x if (need_a or need_w) else None,
-            weight,
+            weight if packed is None else None,
             lora_A,
             lora_B,
             S if (need_lb or need_m and plan is not None) else None,
@@ -365,6 +373,11 @@ class DoRALinearFunction(torch.autograd.Function):
                 "(lora_kernels.reference.dora_linear_reference)"
             )
         x, weight, lora_A, lora_B, S, z, c, norm = ctx.saved_tensors
+        if ctx.packed is not None:  # a 4-bit base: dequantized again where dx reads it
+            if ctx.needs_input_grad[0]:
+                weight = base_operand(ctx.packed, dy.dtype, ctx.strategy)
+            else:
+                weight = quant.stand_in(ctx.packed, dy.dtype)
         k_in, n_out = ctx.x_shape[-1], dy.shape[-1]
         m = _rows(ctx.x_shape)
         dy2 = dy.reshape(m, n_out)
@@ -380,7 +393,7 @@ class DoRALinearFunction(torch.autograd.Function):
                 dm = dm.to(ctx.magnitude_dtype)
             if dx is not None:
                 dx = dx.reshape(ctx.x_shape)
-            return dx, dw, db, da, dlb, dm, None, None, None, None, None
+            return dx, dw, db, da, dlb, dm, None, None, None, None, None, None
         need_m = ctx.needs_input_grad[5]
         dm = None
         if ctx.plan is not None:  # (dm's sum from the dB launch's own dY tiles)
@@ -412,7 +425,13 @@ class DoRALinearFunction(torch.autograd.Function):
             db = dy2.sum(0) if needs[2] else None
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)
-        return dx, dw, db, da, dlb, dm, None, None, None, None, None
+        return dx, dw, db, da, dlb, dm, None, None, None, None, None, None
+
+
+def dense_strategy(backend: str) -> str:
+    """How a DoRA call reads a 4-bit base: dequantized whole for each use of W (the norm and
+    the forward share one), by our Triton kernel on the Triton path, PyTorch ops elsewhere."""
+    return "buffer" if backend == "triton" else tune.TORCH
 
 
 def dora_linear(
@@ -438,18 +457,29 @@ def dora_linear(
     (peft's semantics), in PyTorch ops on every backend over the torch path's mask (from
     ``seed``, drawn when ``None``); fused dropout kernels are not built yet. ``magnitude``:
     ``(N,)``, floating; ``base_sq``: ``dora.base_row_norms_sq`` of ``weight`` when cached (the
-    layer caches it). A 4-bit base is refused for now.
+    layer caches it).
+
+    ``weight`` may be a frozen bitsandbytes 4-bit weight (QDoRA): dequantized to ``x``'s dtype
+    once per call (one transient ``(N, K)`` buffer: our Triton kernel on the Triton path,
+    PyTorch ops elsewhere), which the norm and the forward both read; backward dequantizes it
+    again where ``dx`` needs it. Nothing dense is kept between forward and backward.
     """
-    if quant.is_4bit(weight):  # (first: a 4-bit weight's shape is its packed bytes')
-        raise ValueError("DoRA over a 4-bit base is not supported yet (issue 26)")
-    n_out = weight.shape[0]
+    four_bit = quant.is_4bit(weight)
+    n_out = quant.shape(weight)[0] if four_bit else weight.shape[0]
     if not isinstance(magnitude, torch.Tensor) or magnitude.shape != (n_out,):
         shape = tuple(getattr(magnitude, "shape", ()))
         raise ValueError(f"magnitude must be a ({n_out},) tensor (one per output), got {shape}")
     if not magnitude.is_floating_point():
         raise TypeError(f"magnitude must be floating point, got {magnitude.dtype}")
     x, weight, bias = autocast_base(x, weight, bias)
-    norm = dora.weight_norm(weight, lora_A, lora_B, scaling, base_sq)
+    operand = None
+    values = weight  # what the norm reads: W's values
+    if four_bit:  # (checked before anything is decoded)
+        resolved = validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+        with torch.no_grad():
+            operand = values = base_operand(weight, x.dtype, dense_strategy(resolved))
+    norm = dora.weight_norm(values, lora_A, lora_B, scaling, base_sq)
     return DoRALinearFunction.apply(
-        x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, backend
-    )
+        x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, backend,
+        operand,
+    )  # fmt: skip

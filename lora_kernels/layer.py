@@ -63,7 +63,13 @@ def lora_forward(
         return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p)
     dtype = quant.compute_dtype(base, x)
     bias = None if bias is None else bias.to(dtype)
-    y = lora_linear(x.to(dtype), weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p)
+    if magnitude is not None:  # QDoRA: the base rows' norms kept per weight and compute dtype
+        y = dora_linear(
+            x.to(dtype), weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=dropout_p,
+            base_sq=dora.cached_base_sq(weight, dtype),
+        )  # fmt: skip
+    else:
+        y = lora_linear(x.to(dtype), weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p)
     return y.to(x.dtype)
 
 
@@ -119,7 +125,8 @@ class LoRALayer(nn.Module):
         use_dora: DoRA (Liu et al. 2024, peft's ``use_dora``): a trainable ``magnitude``
             ``(out_features,)``, initialised to the row norms of ``W + s (A B)^T`` (with
             ``init="lora"``, the base's: the layer starts equal to its linear); the output is
-            :func:`lora_kernels.function.dora_linear`'s. Not over a 4-bit base yet.
+            :func:`lora_kernels.function.dora_linear`'s. Over a 4-bit base too (QDoRA): the
+            norm is then that of the dequantized weight in bitsandbytes' compute dtype.
         adapter_dtype: dtype of ``lora_A`` / ``lora_B`` when it should differ from ``dtype``:
             ``torch.float32`` keeps float32 adapters (the optimizer's master weights) on a
             bfloat16 or float16 layer, peft's default. The LoRA branch then computes in the
@@ -224,8 +231,6 @@ class LoRALayer(nn.Module):
         self.scaling = lora_scaling(rank, alpha, use_rslora)
         self.rank, self.alpha, self.use_rslora, self.init = rank, alpha, bool(use_rslora), init
         four_bit = quant.check_base(linear)
-        if use_dora and four_bit:
-            raise ValueError("DoRA over a 4-bit base (QDoRA) is not supported yet (issue 26)")
         self.linear = linear
         self.linear.requires_grad_(False)
         factory_kwargs = {
@@ -246,7 +251,9 @@ class LoRALayer(nn.Module):
         if use_dora:
             # peft's init: the merged weight's row norms (with B = 0, the base's: the layer
             # starts equal to its linear)
-            norm = dora.weight_norm(linear.weight, self.lora_A, self.lora_B, self.scaling)
+            norm = dora.weight_norm(
+                linear.weight, self.lora_A, self.lora_B, self.scaling, dtype=self._base_dtype()
+            )
             self.magnitude = nn.Parameter(norm.to(self.lora_A.dtype))
         self._dora_norm = None  # the norm a merge used (to unmerge with)
 
@@ -300,6 +307,22 @@ class LoRALayer(nn.Module):
             magnitude=getattr(self, "magnitude", None),  # (a layer pickled before DoRA has none)
         )
 
+    def _base_dtype(self) -> torch.dtype:
+        """The dtype of the base weight's values as the layer computes with them: its own; for
+        a 4-bit base, bitsandbytes' compute dtype (its ``quant_state.dtype`` until the first
+        call sets one)."""
+        weight = self.linear.weight
+        if not quant.is_4bit(weight):
+            return weight.dtype
+        return getattr(self.linear, "compute_dtype", None) or weight.quant_state.dtype
+
+    def _dense_base(self) -> torch.Tensor:
+        """The base weight's values: ``linear.weight``, a 4-bit one dequantized (a copy)."""
+        weight = self.linear.weight
+        if quant.is_4bit(weight):
+            return quant.dequantize(weight, self._base_dtype())
+        return weight
+
     def _lora_delta(self) -> torch.Tensor:
         """``s * (A B)^T`` in float32 (float64 for float64 layers)."""
         dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
@@ -313,8 +336,9 @@ class LoRALayer(nn.Module):
         if not self.use_dora:
             return self._lora_delta()
         with torch.no_grad():
-            merged = self._dora_merged(self.linear.weight)
-            return merged - self.linear.weight.to(merged.dtype)
+            weight = self._dense_base()
+            merged = self._dora_merged(weight)
+            return merged - weight.to(merged.dtype)
 
     def _dora_merged(self, weight: torch.Tensor, norm: torch.Tensor | None = None):
         """``c * (W + s (A B)^T)`` for the unmerged ``weight``, in the accumulation dtype."""
@@ -334,13 +358,7 @@ class LoRALayer(nn.Module):
 
     def _merged_weight(self, sign: int, norm: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`merged_weight`; for a DoRA merge, ``norm`` (when already computed) is ``n``."""
-        weight = self.linear.weight
-        if quant.is_4bit(weight):
-            raise RuntimeError(
-                "merge / unmerge on a 4-bit base (bitsandbytes Linear4bit) is not supported: "
-                "re-quantizing W + s (A B)^T to 4 bits would round most of the update away. "
-                "Save the adapter (save_peft_adapter) and merge it onto the 16-bit base model"
-            )
+        weight = self._mergeable_weight()
         with torch.no_grad():
             if not self.use_dora:
                 delta = self._lora_delta()
@@ -361,6 +379,17 @@ class LoRALayer(nn.Module):
             )
         return result
 
+    def _mergeable_weight(self) -> torch.Tensor:
+        """``linear.weight``; ``RuntimeError`` for a 4-bit one (merging is refused there)."""
+        weight = self.linear.weight
+        if quant.is_4bit(weight):
+            raise RuntimeError(
+                "merge / unmerge on a 4-bit base (bitsandbytes Linear4bit) is not supported: "
+                "re-quantizing W + s (A B)^T to 4 bits would round most of the update away. "
+                "Save the adapter (save_peft_adapter) and merge it onto the 16-bit base model"
+            )
+        return weight
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into ``linear.weight`` (computed in at least float32).
@@ -376,7 +405,8 @@ class LoRALayer(nn.Module):
         """Write the merged weight; a DoRA layer keeps the norm it used, to unmerge with."""
         norm = None
         if self.use_dora:
-            norm = dora.weight_norm(self.linear.weight, self.lora_A, self.lora_B, self.scaling)
+            weight = self._mergeable_weight()
+            norm = dora.weight_norm(weight, self.lora_A, self.lora_B, self.scaling)
         self.linear.weight.copy_(self._merged_weight(1, norm))
         self._dora_norm = norm
         self.merged = True

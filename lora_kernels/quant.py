@@ -202,24 +202,38 @@ def dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     A new tensor each call, built in pieces of ``PIECE_ELEMS`` elements: the only temporaries
     are one piece's fp32 values.
     """
-    state = weight.quant_state
     n, k = shape(weight)
-    total, block = n * k, int(state.blocksize)
+    return _decode(weight, 0, n * k, dtype).view(n, k)
+
+
+def dequantize_rows(weight: torch.Tensor, start: int, end: int, dtype: torch.dtype):
+    """Rows ``start:end`` of ``W`` in ``dtype``, decoded as :func:`dequantize` decodes them
+    (the same values), the rest of the weight untouched: ``(end - start, K)``."""
+    k = shape(weight)[1]
+    return _decode(weight, start * k, end * k, dtype).view(end - start, k)
+
+
+def _decode(weight: torch.Tensor, first: int, last: int, dtype: torch.dtype) -> torch.Tensor:
+    """Flat elements ``first:last`` of the 4-bit ``weight`` in ``dtype``, in pieces of
+    ``PIECE_ELEMS``, each starting at a block's first element (a blocksize is even: a byte's)."""
+    state = weight.quant_state
+    block = int(state.blocksize)
     packed = weight.detach().reshape(-1).view(torch.uint8)
     table = _pair_table(state.quant_type, packed.device)
     scales = absmax(state)
-    out = torch.empty(total, dtype=dtype, device=packed.device)
+    out = torch.empty(last - first, dtype=dtype, device=packed.device)
     piece = max(block, PIECE_ELEMS // block * block)
-    for start in range(0, total, piece):
-        end = min(start + piece, total)
+    for start in range(first - first % block, last, piece):
+        end = min(start + piece, last)
         count = end - start
         pairs = table.index_select(0, packed[start // 2 : (end + 1) // 2].int())
         values = pairs.view(torch.float32)
         blocks = -(-count // block)
         if values.numel() < blocks * block:  # the last piece: pad to whole blocks
             values = torch.nn.functional.pad(values, (0, blocks * block - values.numel()))
-        first = start // block
+        head = start // block
         values = values[: blocks * block].view(blocks, block)
-        values.mul_(scales[first : first + blocks, None])
-        out[start:end].copy_(values.view(-1)[:count])
-    return out.view(n, k)
+        values.mul_(scales[head : head + blocks, None])
+        skip = max(first - start, 0)  # (the first piece starts at its block's start)
+        out[start + skip - first : end - first].copy_(values.view(-1)[skip:count])
+    return out

@@ -133,9 +133,9 @@ def test_from_peft_same_outputs_and_gradients(config):
         assert_close(f"{name} dB", layer.lora_B.grad, peft_grads[name][1].double(), GRAD_TOL)
 
 
-def test_from_peft_converts_dora_and_refuses_qdora_naming_the_module():
-    """peft's DoRA layers convert (numbers: tests/test_patch_peft.py); DoRA over a 4-bit base
-    is refused, naming the module, before anything changes."""
+def test_from_peft_converts_dora_over_both_bases():
+    """peft's DoRA layers convert, over an nn.Linear and over a 4-bit Linear4bit (numbers:
+    tests/test_patch_peft.py, tests/test_qdora.py)."""
     converted = from_peft(peft_lora(use_dora=True))
     assert all(m.use_dora for m in converted.modules() if isinstance(m, LoRALayer))
     bnb = pytest.importorskip("bitsandbytes")
@@ -143,11 +143,11 @@ def test_from_peft_converts_dora_and_refuses_qdora_naming_the_module():
     model.add_module("proj", bnb.nn.Linear4bit(16, 8, compute_dtype=torch.float32).to("cpu"))
     model.is_loaded_in_4bit = True  # as transformers marks a 4-bit model: peft's bnb layers
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], use_dora=True)
-    peft_model = peft.get_peft_model(model, config)
-    before = {n: p.clone() for n, p in peft_model.named_parameters()}
-    with pytest.raises(ValueError, match="'proj'.*DoRA over Linear4bit"):
-        from_peft(peft_model)
-    assert all(torch.equal(p, before[n]) for n, p in peft_model.named_parameters())
+    magnitude = peft.get_peft_model(model, config).base_model.model.proj.lora_magnitude_vector
+    expected = magnitude["default"].weight.detach().clone()
+    layer = from_peft(model).proj
+    assert isinstance(layer, LoRALayer) and layer.use_dora
+    assert torch.equal(layer.magnitude.detach(), expected)
 
 
 def test_from_peft_rejects_non_linear_layers():

@@ -199,12 +199,17 @@ def test_bench_model_quick(tmp_path, capsys):
     assert "loss vs peft" in out and "vs floor" in out
 
 
-def test_bench_fused_dora_quick(tmp_path, capsys):
+@pytest.mark.parametrize("base", ["16bit", "nf4"])
+def test_bench_fused_dora_quick(tmp_path, capsys, base):
     """``--dora``: ours and peft's DoRA layers beside the same LoRA layers and the floor, every
-    mode and dropout; the DoRA targets and saved bytes printed."""
+    mode and dropout; the DoRA targets and saved bytes printed. ``--base nf4``: QDoRA, ours
+    and peft's over the same bitsandbytes layer."""
     pytest.importorskip("peft")
+    if base == "nf4":
+        pytest.importorskip("bitsandbytes")
     bench = load("bench_fused")
-    assert bench.main(["--quick", "--dora", "--out", str(tmp_path), "--name", "qd"]) == 0
+    args = ["--quick", "--dora", "--base", base, "--out", str(tmp_path), "--name", "qd"]
+    assert bench.main(args) == 0
     out = capsys.readouterr().out
     assert "DoRA target: fwd+bwd lora_kernels DoRA / peft at dropout 0.1" in out
     assert "saved for backward, peft DoRA" in out
@@ -213,6 +218,7 @@ def test_bench_fused_dora_quick(tmp_path, capsys):
     seen = {(r["provider"], r["mode"], r["dropout"]) for r in rows}
     assert seen == {(p, m, d) for p in providers for m in bench.MODES for d in bench.DROPOUTS}
     assert all(r["dora"] and r["median_ms"] > 0 and r["tflops"] is None for r in rows)
+    assert all(r["base"] == base for r in rows)
 
 
 def test_bench_model_dora_quick(tmp_path):

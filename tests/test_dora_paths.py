@@ -134,7 +134,7 @@ def test_the_base_rows_norms_are_computed_once_per_weight_state(monkeypatch):
     recomputes it, and the output follows the new weight (the oracle's)."""
     calls = []
     real = dora.base_row_norms_sq
-    monkeypatch.setattr(dora, "base_row_norms_sq", lambda w: calls.append(1) or real(w))
+    monkeypatch.setattr(dora, "base_row_norms_sq", lambda w, d=None: calls.append(1) or real(w, d))
     layer = LoRALayer(16, 8, rank=2, use_dora=True).double()
     with torch.no_grad():
         layer.lora_B.normal_()

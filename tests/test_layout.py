@@ -16,8 +16,8 @@ LAYOUT_DOC = PACKAGE.parent / "docs" / "layout.md"
 # The floors, from the ground up (docs/layout.md draws the same). A module imports only modules
 # on lower floors; within a floor, only inside its own subpackage (kernels/, tune/, adapters/).
 FLOORS = [
-    ["_version", "env", "engines", "dora", "reference", "quant", "dropout", "roofline"],
-    ["kernels"],
+    ["_version", "env", "engines", "reference", "quant", "dropout", "roofline"],
+    ["kernels", "dora"],
     ["validation", "torch_path"],
     ["triton_path"],
     ["timing"],

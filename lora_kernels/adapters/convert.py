@@ -25,10 +25,11 @@ def from_peft(peft_model) -> nn.Module:
     ``modules_to_save`` (the classifier of a ``task_type="SEQ_CLS"`` model) carry over: each
     wrapper gives way to its trained copy, which stays trainable and is saved with the adapter.
 
-    peft's DoRA layers (``use_dora=True``) become DoRA ``LoRALayer``s with peft's magnitudes.
+    peft's DoRA layers (``use_dora=True``, over 4-bit bases too) become DoRA ``LoRALayer``s
+    with peft's magnitudes.
 
     Raises ``ValueError`` naming the module and the feature for what ``LoRALayer`` doesn't do
-    (DoRA over a 4-bit base, several active adapters, ``lora_bias``, merged or disabled adapters,
+    (several active adapters, ``lora_bias``, merged or disabled adapters,
     ``fan_in_fan_out``, LoRA on non-``Linear`` layers, trainable tokens, trainable parameters an
     adapter file would not hold such as ``bias="all"``), before changing anything.
 
@@ -87,10 +88,6 @@ def from_peft(peft_model) -> nn.Module:
         if len(adapters) != 1:
             raise ValueError(f"{where}: {len(adapters)} active adapters {adapters}; need exactly 1")
         adapter = adapters[0]
-        if module.use_dora.get(adapter, False) and type(module.base_layer) is not nn.Linear:
-            raise ValueError(
-                f"{where}: DoRA over {type(module.base_layer).__name__} (QDoRA) is not supported"
-            )
         if getattr(module, "lora_bias", {}).get(adapter, False):
             raise ValueError(f"{where}: lora_bias=True is not supported")
         if module.merged:

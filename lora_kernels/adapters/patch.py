@@ -147,8 +147,6 @@ def fallback_reason(layer: nn.Module, x=None, args=(), kwargs=None) -> str | Non
         return f"base layer {type(base).__name__} (neither nn.Linear nor a 4-bit Linear4bit)"
     if four_bit and getattr(base.weight.quant_state, "packing_format_for_cpu", False):
         return "4-bit weight repacked for bitsandbytes' CPU kernel"
-    if four_bit and dora is not None:
-        return "DoRA over a 4-bit base (QDoRA: not fused yet)"
     lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
     if not (_plain_linear(lora_A) and _plain_linear(lora_B)):
         return f"adapter modules {type(lora_A).__name__} / {type(lora_B).__name__}"
@@ -272,9 +270,9 @@ def patch_peft(model: nn.Module | None = None) -> PatchReport:
 
     A call falls back to peft's own forward, for that call, where ours would compute something
     else: several active adapters, ``adapter_names``, merged or disabled adapters, LoRA variants
-    other than DoRA (and DoRA over a 4-bit base), ``lora_bias``, ``fan_in_fan_out``, a base
-    layer that is neither an ``nn.Linear`` nor a 4-bit ``Linear4bit``, hooks on the base layer
-    or the adapters. peft's DoRA layers run :func:`lora_kernels.function.dora_linear`.
+    other than DoRA, ``lora_bias``, ``fan_in_fan_out``, a base layer that is neither an
+    ``nn.Linear`` nor a 4-bit ``Linear4bit``, hooks on the base layer or the adapters. peft's
+    DoRA layers (over 4-bit bases too) run :func:`lora_kernels.function.dora_linear`.
     Raises ``ValueError`` (changing nothing) when ``model`` holds no peft LoRA layer.
     """
     _require_peft("patch_peft")
