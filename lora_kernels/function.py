@@ -193,6 +193,11 @@ def _as_output(y2: torch.Tensor, out_shape) -> torch.Tensor:
     return torch.ops.aten._unsafe_view(y2, out_shape)
 
 
+def _seed_tensor(seed) -> torch.Tensor:
+    """A dropout seed as the custom ops take it: a 0-d int64 tensor."""
+    return seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
+
+
 def _rows(shape) -> int:
     """The rows of ``x`` flattened to 2-D: the product of its leading sizes."""
     rows = 1
@@ -294,10 +299,14 @@ class DoRALinearFunction(torch.autograd.Function):
     dx pass's ``dY`` tiles and ``dB``'s float32 sum (``dz = dY c`` is never stored); on the
     torch path onto ``W``'s rows and ``B``'s columns (thin copies; ``dz`` is never made either).
 
-    With dropout (PyTorch ops on every backend: ``torch_path.dora_dropout_forward``): saved
-    ``x`` (by reference, for ``dA`` or ``dW``), ``S = x_d A`` and ``U = mask(x) W^T``
-    (``(M, N)``, for ``dm`` only), the seed (the mask is regenerated, never stored). Double
-    backward: refused.
+    With dropout, on the Triton path (the base frozen): two forward launches (the T-only pass
+    also stores ``mask(x)``, a transient ``(M, K)`` copy; the output pass feeds ``x`` and it
+    against each W tile), ``z = x_d W^T + s x_d A B`` saved in place of dropout 0's; dx one
+    launch, ``dY W + mask (dY f W + dS A^T)`` with ``f = (c - 1) / (1 - p)``. Elsewhere, and for
+    an unfrozen base (``dW`` needs the mask over ``x``): PyTorch ops
+    (``torch_path.dora_dropout_forward``), saving ``x`` (by reference, for ``dA`` or ``dW``),
+    ``S = x_d A`` and ``U = mask(x) W^T`` (``(M, N)``, for ``dm`` only). Either way the seed is
+    kept and the mask regenerated, never saved. Double backward: refused.
     """
 
     @staticmethod
@@ -322,9 +331,17 @@ class DoRALinearFunction(torch.autograd.Function):
         ctx.x_shape, ctx.scaling, ctx.dropout_p = x.shape, scaling, dropout_p
         ctx.magnitude_dtype = magnitude.dtype
         out_shape = (*x.shape[:-1], n_out)
-        if dropout_p > 0.0:
-            if seed is None:
-                seed = draw_seed()
+        # NOTE: a Python bool (see LoRALinearFunction): the plan's arguments must be constants.
+        dropout = True if dropout_p > 0.0 else False  # noqa: SIM210
+        if dropout and seed is None:
+            seed = draw_seed()
+        ctx.seed = seed
+        plan = None
+        # (with dropout an unfrozen base's dW needs the mask over x: PyTorch ops, below)
+        if backend == "triton" and k_in > 0 and n_out > 0 and not (dropout and need_w):
+            key = (x2.device, x2.dtype, x2.shape[0], k_in, n_out, lora_A.shape[1], dropout)
+            plan, _ = tune.dispatch(*key, auto=requested == "auto", four_bit=False)
+        if dropout and plan is None:
             y2, S, U = torch_path.dora_dropout_forward(
                 x2, weight, bias, lora_A, lora_B, c, scaling, dropout_p, seed
             )
@@ -332,18 +349,15 @@ class DoRALinearFunction(torch.autograd.Function):
                 x if (need_a or need_w) else None, weight if packed is None else None, lora_A,
                 lora_B, S if (need_lb or need_m) else None, U if need_m else None, c, norm,
             )  # fmt: skip
-            ctx.seed, ctx.plan = seed, None
+            ctx.plan = None
             return _as_output(y2, out_shape)
-        plan = None
-        if backend == "triton" and k_in > 0 and n_out > 0:
-            key = (x2.device, x2.dtype, x2.shape[0], k_in, n_out, lora_A.shape[1], False)
-            plan, _ = tune.dispatch(*key, auto=requested == "auto", four_bit=False)
         if plan is not None:
             from . import triton_path
 
             y2, S, z = triton_path.dora_forward_op(
-                x2, weight, bias, lora_A, lora_B, scaling, c, plan, need_lb or need_m, need_m
-            )
+                x2, weight, bias, lora_A, lora_B, scaling, c, plan, need_lb or need_m, need_m,
+                dropout_p, _seed_tensor(seed) if dropout else None,
+            )  # fmt: skip
         else:
             z, S = torch_path.forward(x2, weight, None, lora_A, lora_B, scaling, 0.0, 0)
             c_x = c.to(x.dtype)
@@ -383,7 +397,7 @@ class DoRALinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(m, n_out)
         x2 = None if x is None else x.reshape(m, k_in)
         needs = tuple(ctx.needs_input_grad[:5])
-        if ctx.dropout_p > 0.0:
+        if ctx.dropout_p > 0.0 and ctx.plan is None:
             grads = torch_path.dora_dropout_backward(
                 dy2, x2, weight, lora_A, lora_B, S, z, c, norm, ctx.scaling, ctx.dropout_p,
                 ctx.seed, tuple(ctx.needs_input_grad[:6]),
@@ -399,9 +413,11 @@ class DoRALinearFunction(torch.autograd.Function):
         if ctx.plan is not None:  # (dm's sum from the dB launch's own dY tiles)
             from . import triton_path
 
+            seed = _seed_tensor(ctx.seed) if ctx.dropout_p > 0.0 else None
             grads = triton_path.dora_backward_op(
-                dy2, x2, weight, lora_A, lora_B, S, ctx.scaling, c, ctx.plan, list(needs), z
-            )
+                dy2, x2, weight, lora_A, lora_B, S, ctx.scaling, c, ctx.plan, list(needs), z,
+                ctx.dropout_p, seed,
+            )  # fmt: skip
             dx, dw, db, da, dlb = (g if need else None for g, need in zip(grads, needs))
             if need_m:
                 dm = (grads[5] / norm.to(c.dtype)).to(ctx.magnitude_dtype)
@@ -454,8 +470,9 @@ def dora_linear(
 
     :class:`DoRALinearFunction`. Without dropout this is ``c * (x W^T + s (x A) B) + b``, one
     fused launch on the Triton path. With dropout the base GEMM runs over ``x`` and ``x_d`` both
-    (peft's semantics), in PyTorch ops on every backend over the torch path's mask (from
-    ``seed``, drawn when ``None``); fused dropout kernels are not built yet. ``magnitude``:
+    (peft's semantics): on the Triton path in the fused launches (both products against each W
+    tile), in PyTorch ops on the torch path and for an unfrozen base; the mask from ``seed``
+    (drawn when ``None``), the backend's own, as ``lora_linear``'s. ``magnitude``:
     ``(N,)``, floating; ``base_sq``: ``dora.base_row_norms_sq`` of ``weight`` when cached (the
     layer caches it).
 

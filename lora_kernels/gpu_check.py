@@ -379,7 +379,8 @@ def stage_dora(
     precisions=None,
 ) -> dict:
     """DoRA's correctness cases, then its target-shape timings (module docstring)."""
-    # (bounds: LoRA's x 2; with dropout PyTorch ops round three terms apart: x 3 in 16 bits)
+    # (bounds: LoRA's x 2; with dropout x 3 in 16 bits: where PyTorch ops run them, they round
+    # three terms apart)
     cases = [
         {"precision": name, **check_dora_case(device, dt, bound, rank, p, lead, k, n)}
         for name, dt, tf32, tol in precisions or PRECISIONS

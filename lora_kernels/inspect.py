@@ -99,9 +99,9 @@ def captured_launches(
 ) -> list:
     """The launches one forward + backward (x, lora_A, lora_B requiring grad) would make, with
     ``plan`` (default: the tables'); ``four_bit``: over a 4-bit W (NF4, blocksize 64) read in
-    the K loop, at ``M_4BIT`` tokens; ``dora``: DoRA's (dropout 0: the column scale ``c`` in
-    the forward's epilogue with ``z`` stored, ``c`` on the dx pass's ``dY`` tiles, the
-    magnitude's sum in the dB launch)."""
+    the K loop, at ``M_4BIT`` tokens; ``dora``: DoRA's (the column scale ``c`` in the
+    forward's epilogue with ``z`` stored, ``c`` on the dx pass's ``dY`` tiles, the magnitude's
+    sum in the dB launch; with dropout the forward's and dx's second base product)."""
     m = M_4BIT if four_bit else M
     meta = {"device": "meta", "dtype": dtype}
     x, dy = torch.empty(m, K, **meta), torch.empty(m, N, **meta)
@@ -237,8 +237,8 @@ def inspect_group(
     the 16-bit builds), plus, where ``dequant`` says, the dequantization launch of the buffer
     strategy (after which the 16-bit builds run)."""
     dtype = DTYPES[dtype_name]
-    if base == "dora":  # the three launches DoRA changes (dA's is LoRA's)
-        changed = ("COL_SCALE", "X_SCALE", "DM")
+    if base == "dora":  # the launches DoRA changes (dA's is LoRA's; with dropout also T's)
+        changed = ("COL_SCALE", "X_SCALE", "DM", "STORE_XM")
         return [
             _inspect_launch(launch, arch, dtype_name, rank, dropout_p, "dora", dump)
             for launch in captured_launches(arch, dtype, rank, dropout_p, dora=True)
@@ -366,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=("16bit", "nf4", "dora"),
         default="16bit",
         help="nf4: build the 4-bit base's kernels instead: the fused ones reading it in their "
-        "K loop, and its dequantization kernel (QLoRA; docs/qlora.md); dora: DoRA's forward "
-        "and dx launches (dropout 0; docs/dora.md)",
+        "K loop, and its dequantization kernel (QLoRA; docs/qlora.md); dora: DoRA's forward, "
+        "dx and dB launches (docs/dora.md)",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
     parser.add_argument("--dump", metavar="DIR", help="write every cubin into DIR")
@@ -377,9 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if env.triton_interpreter_enabled():
         parser.error("TRITON_INTERPRET is set: unset it to compile for GPUs")
-    dropouts = args.dropout or ((0.0,) if args.base == "dora" else DROPOUTS)
-    if args.base == "dora" and any(dropouts):
-        parser.error("--base dora builds dropout 0 only: DoRA with dropout runs PyTorch ops")
+    dropouts = args.dropout or DROPOUTS
     rows = inspect_builds(
         args.arch or sorted(ARCHS),
         args.dtype or list(DEFAULT_DTYPES),

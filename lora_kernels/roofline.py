@@ -15,10 +15,13 @@ Providers (x requires grad; W, b frozen; A, B trainable; dW, db not computed):
   reference (the seeds' formula) runs the same sequence.
 - ``lora_kernels``: the Triton path's launches (docs/kernels.md), including the ``x A`` dot that
   every column of output tiles repeats (``R / BLOCK_N`` of the base GEMM) and the hi/lo split.
-- DoRA at dropout 0 (``--dora``; docs/dora.md): ``peft_dora``, peft's ops (the norm of the
-  materialized ``W + s B A``, the column scales as separate elementwise ops and their backward,
-  the base output reused); ``lora_kernels_dora``, our launches plus the factored norm's pass
-  over ``W``, ``z``'s store and ``z``'s read in the dB launch (the magnitude's sum).
+- DoRA (``--dora``; docs/dora.md): ``peft_dora``, peft's ops (the norm of the materialized
+  ``W + s B A``, the column scales as separate elementwise ops and their backward, the base
+  output reused at dropout 0; with dropout a second GEMM of W over ``dropout(x)`` each way);
+  ``lora_kernels_dora``, our launches plus the factored norm's pass over ``W``, ``z``'s store
+  and ``z``'s read in the dB launch (the magnitude's sum); with dropout ``mask(x)`` written by
+  the T-only pass and read by the output pass, and the second product's FLOPs in the forward
+  and dx launches.
 
 On H100 the launches run the Hopper path (docs/kernels.md): TMA descriptors over a persistent
 grid, 16-bit inputs, all but dx with dropout. That changes no FLOP and no DRAM byte of the model:
@@ -48,8 +51,10 @@ GPUS = {
     "H100": {"flops": 790e12, "bandwidth": 3.0e12},
     "A100": {"flops": 250e12, "bandwidth": 1.83e12},
 }
-# The Triton path's tile widths (kernels/fused_mm.py, 16-bit, R < 64) and padded-rank rule.
+# The Triton path's tile widths (kernels/fused_mm.py, 16-bit, R < 64) and padded-rank rule;
+# DoRA's with dropout (kernels/configs.py DORA_DROPOUT_MAX_BLOCK_N).
 BLOCK_N = {"H100": 256, "A100": 128}
+DORA_DROPOUT_BLOCK_N = 64
 MIN_DOT_DIM = 16
 # 32-bit CUDA-core lane operations per second, where a 4-bit W's decoding runs when it is done in
 # the fused kernels' K loop: SMs x FP32 lanes x boost clock (H100 SXM 132 x 128 x 1.83 GHz, A100
@@ -180,11 +185,14 @@ def kernels(provider: str, shape: Shape, mode: str, gpu: str = "H100") -> list[t
 
 
 def _dora_kernels(provider: str, shape: Shape, mode: str, gpu: str) -> list[tuple]:
-    """DoRA's kernels at dropout 0 (16-bit base): ``kernels``' LoRA lists and what DoRA adds."""
-    if shape.dropout or shape.base != "16bit":
-        raise ValueError("the DoRA model is for dropout 0 over a 16-bit base")
+    """DoRA's kernels over a 16-bit base: ``kernels``' LoRA lists and what DoRA adds; with
+    dropout, the second base product over ``mask(x)`` (peft's semantics: two GEMMs of W each
+    way, for anyone)."""
+    if shape.base != "16bit":
+        raise ValueError("the DoRA model is for a 16-bit base")
     m, k, n, r, e = shape.tokens, shape.in_features, shape.out_features, shape.rank, shape.elem
-    mn, nk = m * n, n * k
+    p = shape.dropout
+    mn, nk, mk = m * n, n * k, m * k
     out = []
     if provider == "lora_kernels_dora":
         out = kernels("lora_kernels", shape, mode, gpu)
@@ -192,20 +200,36 @@ def _dora_kernels(provider: str, shape: Shape, mode: str, gpu: str) -> list[tupl
             # the factored norm: one thin pass over W (W A), the base rows' norms cached
             out.insert(0, ("norm: W A (factored)", 2 * nk * r, e * nk + 4 * n * r))
             name, fl, by = out[-1][:3]
-            out[-1] = (f"{name} + c, z stored", fl, by + e * mn)
+            if p:  # mask(x) written by the T-only pass, read beside x by the output pass
+                name_t, fl_t, by_t = out[1][:3]
+                out[1] = (f"{name_t} + mask(x) stored", fl_t, by_t + e * mk)
+                out[-1] = (f"{name} + mask(x) W^T, c, z", fl + 2 * mn * k, by + e * mk + e * mn)
+            else:
+                out[-1] = (f"{name} + c, z stored", fl, by + e * mn)
         else:  # the magnitude's sum in the dB launch: z read beside its dY tiles
             i = next(i for i, kernel in enumerate(out) if kernel[0].startswith("lora_bwd_dB"))
             name, fl, by = out[i][:3]
             out[i] = (f"{name} + dm = sum(dY z)", fl + 2 * mn, by + e * mn)
+            if p:  # dx also takes (dY f) W on each W tile, added under the mask; its tiles
+                # DORA_DROPOUT_BLOCK_N wide, each column of them repeating the dY B^T dot
+                i = next(i for i, kernel in enumerate(out) if kernel[0].startswith("lora_bwd_dx"))
+                name, fl, by = out[i][:3]
+                rp = max(MIN_DOT_DIM, 1 << (r - 1).bit_length())
+                cols = -(-k // DORA_DROPOUT_BLOCK_N) - -(-k // BLOCK_N[gpu])
+                out[i] = (f"{name} + (dY f) W", fl + 2 * mk * n + 2 * mn * rp * cols, by)
         return out
     if mode == "fwd":  # peft's DoRA forward (base result reused at dropout 0)
         out.append(("base y = x W^T", *_gemm(m, n, k, e)))
+        if p:  # the dropped copy of x and its mask
+            out.append(("dropout(x)", 0, e * mk * 2 + mk))
         out.append(("t = x A", *_gemm(m, r, k, e)))
         out.append(("u = t B", *_gemm(m, n, r, e)))
         out.append(("B A (materialized)", *_gemm(n, k, r, e)))
         out.append(("s * (B A)", *_elementwise(nk, e, 1, 1)))
         out.append(("W + s B A", *_elementwise(nk, e, 2, 1)))
         out.append(("row norms", *_elementwise(nk, e, 1, 0)))
+        if p:
+            out.append(("base' = dropout(x) W^T", *_gemm(m, n, k, e)))
         out.append(("(c - 1) * base", *_elementwise(mn, e, 1, 1)))
         out.append(("c * u", *_elementwise(mn, e, 1, 1)))
         out.append(("* scaling", *_elementwise(mn, e, 1, 1)))
@@ -219,8 +243,12 @@ def _dora_kernels(provider: str, shape: Shape, mode: str, gpu: str) -> list[tupl
         out.append(("dt = du B^T", *_gemm(m, r, n, e)))
         out.append(("dA = x^T dt", *_gemm(k, r, m, e)))
         out.append(("dx_l = dt A^T", *_gemm(m, k, r, e)))
+        if p:
+            out.append(("dx' = d base' W", *_gemm(m, k, n, e)))
+            out.append(("dx' += dx_l", *_elementwise(mk, e, 2, 1)))
+            out.append(("dropout backward", 0, e * mk * 2 + mk))
         out.append(("dx = dY' W", *_gemm(m, k, n, e)))
-        out.append(("dx += dx_l", *_elementwise(m * k, e, 2, 1)))
+        out.append(("dx += dx_l", *_elementwise(mk, e, 2, 1)))
     return out
 
 
@@ -319,7 +347,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=r)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--base", choices=("16bit", "nf4"), default="16bit")
-    parser.add_argument("--dora", action="store_true", help="DoRA at dropout 0 (vs peft's)")
+    parser.add_argument("--dora", action="store_true", help="DoRA (vs peft's DoRA)")
     args = parser.parse_args(argv)
     shape = Shape(args.tokens, args.k, args.n, args.rank, dropout=args.dropout, base=args.base)
     print("PREDICTION (roofline model, not a measurement): bf16, x requires grad, W frozen")

@@ -16,7 +16,6 @@ import zlib
 import torch
 from torch import nn
 
-from .dropout import keep_mask
 from .function import dora_linear, lora_linear
 from .reference import dora_linear_reference, relative_errors
 
@@ -103,7 +102,8 @@ def check_dora_case(device, dtype, tol, rank, p, lead, k, n) -> dict:
     y = dora_linear(x, weight, bias, lora_A, lora_B, magnitude, 0.5, dropout_p=p, seed=3)
     dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(device, dtype)
     y.backward(dy)
-    mask = keep_mask((math.prod(lead), k), p, 3, device).view(x.shape).double() if p else None
+    rows = math.prod(lead)
+    mask = drawn_mask(rows, k, p, 3, "auto", device).view(x.shape).double() if p else None
     refs = [t.detach().double().requires_grad_(True) for t in leaves]
     ref = dora_linear_reference(
         refs[0], weight.double(), bias.double(), refs[1], refs[2], refs[3], 0.5,

@@ -22,6 +22,7 @@ from . import quant, roofline
 from .kernels import dequant
 from .kernels.common import acc_dtype, alloc
 from .kernels.configs import (
+    dora_dropout_config,
     dora_fwd_config,
     dora_grad_config,
     fused_mm_config,
@@ -202,10 +203,15 @@ def forward(
     """``x (M, K) -> (y (M, N), T (M, r) | None)``: one fused launch; two with dropout (a T-only
     pass that generates each mask element once, then the output pass reading T). Adapters of
     another dtype compute in ``x``'s. ``weight``: ``(N, K)``, or a 4-bit ``quant.Packed``.
-    DoRA without dropout: ``col_scale`` (``c``, ``(N,)`` ACC) makes ``y = c z + b`` with
-    ``z = x W^T + s x A B``, stored into ``z_out`` when given (``fused_mm``)."""
+    DoRA: ``col_scale`` (``c``, ``(N,)`` ACC) makes ``y = c z + b`` with ``z = x W^T + s x A B``,
+    stored into ``z_out`` when given (``fused_mm``). DoRA with dropout: the T-only pass also
+    stores ``mask(x)`` (one transient ``(M, K)`` copy: each mask element generated once), and
+    the output pass feeds ``x`` and ``mask(x)`` against each W tile, ``y = x W^T - x_d W^T + c z
+    + b`` with ``z = x_d W^T + s x_d A B``."""
     common = {"precision": plan.precision, "upcast": plan.upcast, "num_sms": plan.num_sms}
     lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    dora_dropout = dropout_p > 0.0 and col_scale is not None
+    xm = alloc(x.shape, x.dtype, x.device) if dora_dropout else None
     t_in = None
     if dropout_p > 0.0:
         _, t_in = fused_mm(
@@ -221,8 +227,10 @@ def forward(
             dropout_in=True,
             seed=seed,
             name=LAUNCHES["t_only"],
+            xm_out=xm,
             **common,
         )
+    config = _forward_config(plan, weight, col_scale is not None)
     y, t = fused_mm(
         x,
         weight.t(),
@@ -230,12 +238,14 @@ def forward(
         lora_A,
         lora_B,
         scaling,
-        config=_forward_config(plan, weight, col_scale is not None),
+        config=dora_dropout_config(config) if dora_dropout else config,
         store_t=store_t,
         t_in=t_in,
         name=LAUNCHES["fwd"],
         col_scale=col_scale,
         z_out=z_out,
+        dropout_p=dropout_p if dora_dropout else 0.0,  # (x_d = mask(x) / (1 - p))
+        xm_in=xm,
         **common,
     )
     if t_in is not None:
@@ -261,7 +271,9 @@ def backward(
     folded into the dx pass's ``dY`` tiles and into ``dB``'s sum); ``db`` is ``dY``'s. With
     DoRA's ``z`` (the magnitude trains): ``(dx, dW, db, dA, dB, sum_rows(dY z))``, that sum
     (float32, ``(N,)``) from the dB launch's own ``dY`` tiles (run even when ``dB`` is not
-    needed; ``T`` is then there)."""
+    needed; ``T`` is then there). DoRA with dropout: ``dx = dY W + mask (dY f W + dS A^T)`` with
+    ``f = (c - 1) / (1 - p)``, one dx launch (``x_scale2``); dA and dB as LoRA's and DoRA's; no
+    ``dW`` (an unfrozen base runs PyTorch ops: ``function.DoRALinearFunction``)."""
     need_x, need_w, need_b, need_a, need_lb = needs
     adapter_dtype = lora_A.dtype
     lora_A, lora_B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
@@ -270,10 +282,14 @@ def backward(
     if need_x or need_a:
         # dx = dY W + s * drop(dY B^T A^T): the forward kernel on the transposed operands; its T
         # output is s * dS, which dA reduces against x.
+        f = None
         if not need_x:
             dx_config = plan.t_only
         else:
             dx_config = plan.dx_4bit if isinstance(weight, quant.Packed) else plan.dx
+            if col_scale is not None and dropout_p > 0.0:
+                f = (col_scale - 1.0) / (1.0 - dropout_p)
+                dx_config = dora_dropout_config(dx_config)
         dx, dT = fused_mm(
             dy,
             weight,
@@ -289,6 +305,7 @@ def backward(
             seed=seed,
             name=LAUNCHES["dx"],
             x_scale=col_scale,
+            x_scale2=f,
             **common,
         )
     reduce = functools.partial(lora_grad, out_dtype=adapter_dtype, **common)
@@ -314,6 +331,8 @@ def backward(
             dlb = dlb if need_lb else None
     # dW and db only exist for users who unfreeze the base layer: plain cuBLAS / reductions.
     if need_w:
+        if col_scale is not None and dropout_p > 0.0:
+            raise NotImplementedError("DoRA with dropout: dW runs on PyTorch ops")
         dw = (dy if col_scale is None else dy * col_scale.to(dy.dtype)).t() @ x
     if need_b:
         # (16-bit sums accumulate in float32; float32 and float64 in their own precision)
@@ -476,20 +495,24 @@ def dora_forward_op(
     plan: str,
     store_t: bool,
     store_z: bool,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DoRA without dropout over a 16-bit W, one launch: ``(y, T, z)`` with ``y = c z + b``,
-    ``z = x W^T + s x A B`` (``c``: ``col_scale``); ``T`` and ``z`` empty when not stored."""
+    """DoRA over a 16-bit W, one launch: ``(y, T, z)`` with ``y = c z + b``, ``z = x W^T + s x A
+    B`` (``c``: ``col_scale``); with dropout ``y = x W^T - x_d W^T + c z + b``, ``z = x_d W^T +
+    s x_d A B``. ``T`` and ``z`` empty when not stored."""
     z = alloc((x.shape[0], weight.shape[0]), x.dtype, x.device) if store_z else None
     y, t = forward(
-        x, weight, bias, lora_A, lora_B, scaling, 0.0, 0, plan=plan_from_str(plan),
-        store_t=store_t, col_scale=col_scale, z_out=z,
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, 0 if seed is None else int(seed),
+        plan=plan_from_str(plan), store_t=store_t, col_scale=col_scale, z_out=z,
     )  # fmt: skip
     empty = x.new_empty(0)
     return y, t if t is not None else empty.to(acc_dtype(x.dtype)), z if z is not None else empty
 
 
 @dora_forward_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, col_scale, plan, store_t, store_z):
+def _(x, weight, bias, lora_A, lora_B, scaling, col_scale, plan, store_t, store_z, dropout_p=0.0,
+      seed=None):  # fmt: skip
     m, n, r = x.shape[0], weight.shape[0], lora_A.shape[1]
     t = x.new_empty((m, r) if store_t else (0,), dtype=acc_dtype(x.dtype))
     return x.new_empty((m, n)), t, x.new_empty((m, n) if store_z else (0,))
@@ -508,20 +531,23 @@ def dora_backward_op(
     plan: str,
     needs: List[bool],  # noqa: UP006
     z: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
 ) -> List[torch.Tensor]:  # noqa: UP006
     """``dora_forward_op``'s gradients through ``z``: ``[dx, dW, db, dA, dB, sum_rows(dY z)]``,
     empty where ``needs`` says no, the last without ``z`` (the magnitude's gradient is that sum
     over ``n``: the caller's)."""
     grads = backward(
-        dy, x, weight, lora_A, lora_B, T, scaling, 0.0, 0, tuple(needs),
-        plan=plan_from_str(plan), col_scale=col_scale, z=z,
+        dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, 0 if seed is None else int(seed),
+        tuple(needs), plan=plan_from_str(plan), col_scale=col_scale, z=z,
     )  # fmt: skip
     grads = (*grads, None) if z is None else grads
     return _op_grads(grads, (dy, dy, dy, lora_A, lora_B, col_scale))
 
 
 @dora_backward_op.register_fake
-def _(dy, x, weight, lora_A, lora_B, T, scaling, col_scale, plan, needs, z=None):
+def _(dy, x, weight, lora_A, lora_B, T, scaling, col_scale, plan, needs, z=None, dropout_p=0.0,
+      seed=None):  # fmt: skip
     (m, n), k, r = dy.shape, weight.shape[1], lora_A.shape[1]
     shapes = [(m, k), (n, k), (n,), (k, r), (r, n), (n,)]
     return _fake_grads(shapes, (dy, dy, dy, lora_A, lora_B, col_scale), [*needs, z is not None])

@@ -73,23 +73,34 @@ def test_roofline_reproduces_the_design_figures():
     assert abs(peft * 1e3 - 1.06) < 0.01
 
 
-def test_roofline_models_dora_at_dropout_0(capsys):
+def test_roofline_models_dora(capsys):
     """DoRA's prediction: ours adds to our LoRA exactly the factored norm's pass over W, z's
-    store and z's read in the dB launch (the magnitude's sum); peft's DoRA adds its
-    materialized norm and column-scale passes to peft's LoRA GEMMs. Dropout (two base GEMMs
-    for anyone) is not modelled: refused."""
+    store and z's read in the dB launch (the magnitude's sum); with dropout also mask(x)'s
+    store and read, and the second product of W (forward and dx: twice the base GEMMs' FLOPs
+    of the frozen linear, the floor for anyone). peft's DoRA adds its materialized norm and
+    column-scale passes to peft's LoRA GEMMs, with dropout its second GEMM of W each way. Over
+    a 4-bit base: refused (not modelled)."""
     from lora_kernels import roofline
 
-    shape = roofline.Shape(8192, 4096, 4096, 16)
     (m, k, n, r), e = roofline.TARGET_SHAPE, 2
-    ours = roofline.predict("lora_kernels_dora", shape, "fwd+bwd", "H100")
-    lora = roofline.predict("lora_kernels", shape, "fwd+bwd", "H100")
-    assert ours["bytes"] - lora["bytes"] == e * n * k + 4 * n * r + e * m * n + e * m * n
-    peft = roofline.predict("peft_dora", shape, "fwd+bwd", "H100")
-    assert peft["time"] > ours["time"] > lora["time"]
-    with pytest.raises(ValueError, match="dropout 0"):
-        roofline.predict("peft_dora", roofline.Shape(8192, 4096, 4096, 16, dropout=0.1), "fwd")
-    assert roofline.main(["--dora", "--gpu", "H100"]) == 0
+    times = {}
+    for p in (0.0, 0.1):
+        shape = roofline.Shape(m, k, n, r, dropout=p)
+        preds = {
+            name: roofline.predict(name, shape, "fwd+bwd", "H100")
+            for name in ("lora_kernels_dora", "lora_kernels", "peft_dora", "linear")
+        }
+        ours, lora, peft, linear = preds.values()
+        mask_bytes = 2 * e * m * k if p else 0
+        assert ours["bytes"] - lora["bytes"] == e * n * k + 4 * n * r + 2 * e * m * n + mask_bytes
+        assert peft["time"] > ours["time"] > lora["time"]
+        if p:
+            assert ours["flops"] > 2 * linear["flops"] and peft["flops"] > 2 * linear["flops"]
+        times[p] = ours["time"]
+    assert times[0.1] > times[0.0]
+    with pytest.raises(ValueError, match="16-bit base"):
+        roofline.predict("peft_dora", roofline.Shape(m, k, n, r, base="nf4"), "fwd")
+    assert roofline.main(["--dora", "--gpu", "H100", "--dropout", "0.1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("PREDICTION") and "peft_dora" in out and "lora_kernels_dora" in out
 

@@ -151,16 +151,18 @@ def dora_case(dtype, gen, n=12, k=24, r=4, lead=(2, 5)):
         (torch.float64, "torch", 0.3, 1e-12),
         (torch.float32, "torch", 0.0, 1e-5),
         (torch.float32, "torch", 0.3, 1e-5),
-        # the fused DoRA launch (interpreter: the column scale in its epilogue); with dropout DoRA
-        # runs PyTorch ops on every backend (no fused dropout kernel yet)
+        # the fused DoRA launches (interpreter: the column scale in the epilogue; with dropout
+        # mask(x) stored by the T-only pass, read beside x against each W tile)
         (torch.float32, "triton", 0.0, 1e-4),
+        (torch.float32, "triton", 0.3, 1e-4),
     ],
 )
 def test_dora_linear_equals_the_reference(dropout, dtype, backend, tol):
     """Output and the gradients of x, A, B and the magnitude, against the float64 oracle with
     the same dropout mask (the call's seed given)."""
+    from helpers import read_mask
+
     from lora_kernels import lora_linear
-    from lora_kernels.dropout import keep_mask
 
     gen = torch.Generator().manual_seed(seed_for("dora_linear", dropout, dtype, backend))
     x, weight, bias, lora_A, lora_B, m = dora_case(dtype, gen)
@@ -173,7 +175,7 @@ def test_dora_linear_equals_the_reference(dropout, dtype, backend, tol):
     y.backward(dy)
     mask = None
     if dropout:
-        mask = keep_mask((10, 24), dropout, 11, x.device).view(2, 5, 24).double()
+        mask = read_mask(10, 24, dropout, 11, backend).view(2, 5, 24).double()
     ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
     xr, ar, br, mr = ref_leaves
     ref = dora_linear_reference(

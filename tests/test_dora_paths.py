@@ -10,10 +10,10 @@ import pytest
 import torch
 from helpers import BACKEND_DEVICE as DEVICE
 from helpers import BACKEND_TOL as TOL
-from helpers import assert_close, make_params, make_x, seed_for
+from helpers import assert_close, make_params, make_x, read_mask, seed_for
 from torch import nn
 
-from lora_kernels import LoRALayer, dora, function
+from lora_kernels import LoRALayer, dora, function, torch_path
 from lora_kernels.dropout import keep_mask
 from lora_kernels.function import dora_linear
 from lora_kernels.kernels import common
@@ -56,36 +56,65 @@ def oracle(leaves, dy, scaling, mask=None, p=0.0):
 @pytest.mark.parametrize("rank", [1, 16, 64])
 @pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("case", CASES, ids=["2d", "3d-strided"])
-def test_dora_equals_the_oracle(backend, dtype, rank, p, case):
+def test_dora_equals_the_oracle(backend, dtype, rank, p, case, monkeypatch):
+    """With dropout the Triton path is the fused launches (one forward, one dx: the K loop feeds
+    x and mask(x) against each W tile), the base frozen; the torch path trains it too."""
     device = DEVICE[backend]
     gen = torch.Generator().manual_seed(seed_for("dora", backend, dtype, rank, p, case))
     leaves = leaves_for(case, dtype, rank, device, gen)
+    if p and backend == "triton":  # (an unfrozen base runs PyTorch ops: tested below)
+        leaves["weight"].requires_grad_(False)
+        monkeypatch.setattr(torch_path, "dora_dropout_forward", None)  # never called
     scaling, seed = 0.75, 19
     y = dora_linear(*leaves.values(), scaling, dropout_p=p, seed=seed, backend=backend)
     dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
     y.backward(dy)
     assert y.dtype == dtype and y.shape == (*case[0], case[2])
     mask = None
-    if p:  # (DoRA's dropout path draws the torch path's mask on every backend: PyTorch ops)
+    if p:  # the mask this backend draws, read back
         rows, k = y[..., 0].numel(), case[1]
-        mask = keep_mask((rows, k), p, seed, device).view(leaves["x"].shape).double()
+        mask = read_mask(rows, k, p, seed, backend).view(leaves["x"].shape).double()
     y_ref, grads = oracle(leaves, dy, scaling, mask, p)
-    # (with dropout DoRA runs PyTorch ops on every backend: the torch path's bounds)
-    tol = TOL["torch" if p else backend][dtype] * (EXTRA[p] if dtype.itemsize == 2 else 1.0)
+    tol = TOL[backend][dtype] * (EXTRA[p] if dtype.itemsize == 2 else 1.0)
     assert_close("y", y, y_ref, tol)
     for name in NAMES:
-        assert leaves[name].grad.dtype == dtype, name
+        if leaves[name].requires_grad:
+            assert leaves[name].grad.dtype == dtype, name
+            assert_close(f"d{name}", leaves[name].grad, grads[name], tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_over_an_unfrozen_base_runs_pytorch_ops(dtype):
+    """DoRA with dropout and the base weight training: ``dW`` needs the mask over ``x``, so
+    the Triton backend runs the PyTorch ops (over the torch path's mask), every gradient the
+    oracle's."""
+    gen = torch.Generator().manual_seed(seed_for("dora-unfrozen", dtype))
+    case = ((2, 3, 7), 65, 17, "strided")
+    leaves = leaves_for(case, dtype, 16, DEVICE["triton"], gen)
+    y = dora_linear(*leaves.values(), 0.75, dropout_p=0.25, seed=5, backend="triton")
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype).to(y.device)
+    y.backward(dy)
+    mask = keep_mask((42, 65), 0.25, 5, y.device).view(leaves["x"].shape).double()
+    y_ref, grads = oracle(leaves, dy, 0.75, mask, 0.25)
+    tol = TOL["torch"][dtype] * (EXTRA[0.25] if dtype.itemsize == 2 else 1.0)
+    assert_close("y", y, y_ref, tol)
+    for name in NAMES:
         assert_close(f"d{name}", leaves[name].grad, grads[name], tol)
 
 
-@pytest.mark.parametrize(("backend", "p"), [("torch", 0.0), ("triton", 0.0), ("torch", 0.3)])
+@pytest.mark.parametrize(
+    ("backend", "p"), [("torch", 0.0), ("triton", 0.0), ("torch", 0.3), ("triton", 0.3)]
+)
 def test_dora_gradcheck(backend, p):
     """``torch.autograd.gradcheck`` in float64 through ``DoRALinearFunction`` (the kernels in
-    float64 on the Triton path), every input but the norm (a constant by DoRA's definition:
-    passed in, so the check differentiates exactly the function's math)."""
+    float64 on the Triton path; with dropout the fused launches, the base frozen), every input
+    but the norm (a constant by DoRA's definition: passed in, so the check differentiates
+    exactly the function's math)."""
     device = DEVICE[backend]
     gen = torch.Generator().manual_seed(seed_for("dora-gradcheck", backend))
     leaves = leaves_for(((2, 5), 7, 6, "contiguous"), torch.float64, 3, device, gen)
+    if p and backend == "triton":
+        leaves["weight"].requires_grad_(False)
     with torch.no_grad():
         norm = dora.weight_norm(leaves["weight"], leaves["lora_A"], leaves["lora_B"], 0.5)
 

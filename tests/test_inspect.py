@@ -219,34 +219,42 @@ DORA_GROUPS = {"ampere_hopper": ("sm_80", "sm_90"), "blackwell": ("sm_120",)}
 
 @pytest.mark.parametrize("group", sorted(DORA_GROUPS))
 def test_dora_builds(group):
-    """DoRA's three changed launches (the column scale and z's store in the forward's epilogue,
-    c on the dx pass's dY tiles, the magnitude's sum beside dB's) build for each table on
-    tensor cores within shared memory, with every Triton ``make compat`` runs; Hopper's on
-    descriptors (rank 16) where the Triton has them."""
+    """DoRA's changed launches (the column scale and z's store in the forward's epilogue, c on
+    the dx pass's dY tiles, the magnitude's sum beside dB's; with dropout the T-only pass
+    storing mask(x), and the forward's and dx's second base product on the same W tile) build
+    for each table on tensor cores within shared memory, with every Triton ``make compat``
+    runs; Hopper's on descriptors (rank 16) where the Triton has them (dx with dropout on
+    pointers, as LoRA's)."""
     archs = DORA_GROUPS[group]
-    args = ["--dtype", "bfloat16", "--rank", "16"]
+    args = ["--dtype", "bfloat16", "--rank", "16", "--dropout", "0", "--dropout", "0.1"]
     for arch in archs:
         args += ["--arch", arch]
     rows = build_base("dora", *args)
-    got = sorted((r["kernel"], r["arch"]) for r in rows)
-    kernels = ("lora_bwd_dB", "lora_bwd_dx", "lora_fwd")
-    assert got == sorted((k, a) for k in kernels for a in archs)
+    got = sorted((r["kernel"], r["arch"], r["dropout"]) for r in rows)
+    kernels = {(k, p) for k in ("lora_bwd_dB", "lora_bwd_dx", "lora_fwd") for p in (0.0, 0.1)}
+    kernels.add(("lora_fwd_t", 0.1))
+    assert got == sorted((k, a, p) for k, p in kernels for a in archs)
     for row in rows:
         assert 0 < row["registers"] <= 255 and row["shared_bytes"] <= row["shared_limit"], row
         assert row["mma_ops"].get(ARCHS[row["arch"]].mma, 0) > 0, row
     if "sm_90" in archs:
-        hopper = {r["kernel"] for r in rows if r["arch"] == "sm_90" and r["descriptors"]}
-        # (Triton 3.2 and 3.3, in make compat, have no host descriptors: pointers everywhere)
-        assert hopper == (set() if common.TensorDescriptor is None else set(kernels))
+        hopper = {(r["kernel"], r["dropout"]) for r in rows
+                  if r["arch"] == "sm_90" and r["descriptors"]}  # fmt: skip
+        # (Triton 3.2 and 3.3, in make compat, have no host descriptors: pointers everywhere;
+        # the dx launch with dropout runs the pointer kernel, as LoRA's does)
+        expected = kernels - {("lora_bwd_dx", 0.1)}
+        assert hopper == (set() if common.TensorDescriptor is None else expected)
 
 
 def test_no_spills_dora():
     """With the pinned Triton, DoRA's launches spill nothing on any arch, float16 and bfloat16,
-    ranks 16 and 64 (Hopper's forward tile narrowed to 128: configs.DORA_MAX_BLOCK_N; dB with
-    the magnitude's sum on 8 warps: configs.DORA_GRAD_MIN_WARPS)."""
+    ranks 16 and 64, dropout 0 and 0.1 (Hopper's forward tile narrowed to 128:
+    configs.DORA_MAX_BLOCK_N; with dropout the tiles of two base products to 64:
+    configs.DORA_DROPOUT_MAX_BLOCK_N; dB with the magnitude's sum on 8 warps:
+    configs.DORA_GRAD_MIN_WARPS)."""
     args = ["--dtype", "bfloat16", "--dtype", "float16", "--rank", "16", "--rank", "64"]
-    rows = build_base("dora", *args)
-    assert len(rows) == 3 * len(ARCHS) * 2 * 2
+    rows = build_base("dora", *args, "--dropout", "0", "--dropout", "0.1")
+    assert len(rows) == (3 + 4) * len(ARCHS) * 2 * 2  # (with dropout, the T-only pass too)
     spilling = [(r["kernel"], r["arch"], r["dtype"], r["rank"], r["spills"]) for r in rows
                 if r["spills"]]  # fmt: skip
     assert not spilling

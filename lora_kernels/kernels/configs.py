@@ -121,6 +121,20 @@ def dora_fwd_config(config: dict) -> dict:
     return {**config, "BLOCK_N": min(config["BLOCK_N"], DORA_MAX_BLOCK_N)}
 
 
+# DoRA with dropout (issue 26): the forward's output pass reads mask(x) (stored by the T-only pass)
+# beside x, and dx takes (dY f) W beside dY W: a second fp32 (BLOCK_M x BLOCK_N) accumulator in
+# both. Their tiles at most this wide: at 128 the forward spilled 2 to 38 instructions (every
+# arch, ranks 4-64) and dx's sm_120 build failed register allocation; at 64 nothing spills
+# (python -m lora_kernels.inspect --base dora --dropout 0.1).
+DORA_DROPOUT_MAX_BLOCK_N = 64
+
+
+def dora_dropout_config(config: dict) -> dict:
+    """A forward or dx config as DoRA's dropout launches run it: at most
+    ``DORA_DROPOUT_MAX_BLOCK_N`` wide."""
+    return {**config, "BLOCK_N": min(config["BLOCK_N"], DORA_DROPOUT_MAX_BLOCK_N)}
+
+
 # DoRA's dB launch also reads z's tiles and sums dY z (DM): at Hopper's 4 warps that spilled 4
 # instructions on sm_100 (float16 rank 16, bfloat16 rank 4); with 8 warps it builds without.
 DORA_GRAD_MIN_WARPS = 8

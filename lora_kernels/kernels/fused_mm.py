@@ -25,6 +25,11 @@ Two kernels, one epilogue (``t_epilogue``, ``out_epilogue``: T, dropout, bias, o
   transposed operand is described by its row-major original and its tiles are transposed in
   registers (``*_T`` flags).
 
+DoRA (docs/dora.md) adds to both: the output's column scale and z's store (``COL_SCALE``,
+``STORE_Z``), the dx pass's scale on X's columns (``X_SCALE``), and with dropout ``mask(X)``
+stored by the T-only pass (``STORE_XM``) and a second base product on each W tile
+(``BASE_DROP_IN`` forward, ``BASE_DROP_OUT`` dx; see ``out_epilogue``).
+
 ``fused_mm`` launches the descriptor kernel where the config asks for it (``TMA``: Hopper's
 tables, or the tuner) and TMA can describe the operands (``supports``: 16-byte aligned base and
 strides, unit last stride), the pointer kernel everywhere else. The configs are
@@ -95,6 +100,7 @@ def t_epilogue(
 @triton.jit
 def out_epilogue(
     acc,
+    acc2,
     xp,
     up,
     bias_ptr,
@@ -119,16 +125,28 @@ def out_epilogue(
     UPCAST: tl.constexpr,
     COL_SCALE: tl.constexpr,
     STORE_Z: tl.constexpr,
+    BASE_DROP_IN: tl.constexpr,
+    BASE_DROP_OUT: tl.constexpr,
 ):
     """``out = acc + s * drop_out(T Up) + b`` for one tile, cast once and stored; ``up`` is the
     tile's ``(R, BLOCK_N)`` slice of Up, ``xp`` its T. ``bias_ptr`` is ``None`` unless
     ``HAS_BIAS``. DoRA: ``COL_SCALE`` multiplies each column by ``c`` (``scale_ptr``, ACC)
     before the bias; ``STORE_Z`` also stores the unscaled ``z`` (``z_ptr``, out's layout), the
-    one tensor DoRA's magnitude gradient needs."""
+    one tensor DoRA's magnitude gradient needs. DoRA with dropout: ``acc2`` is the K loop's
+    second base product (unused otherwise): forward (``BASE_DROP_IN``) ``mask(X) Wt``, so that
+    ``z = acc2 / (1 - p) + T Up`` and ``out = acc - acc2 / (1 - p) + c z + b``; dx
+    (``BASE_DROP_OUT``) ``(X f) Wt``, added under the mask with the LoRA term."""
     if DROPOUT_OUT:
         lora = mma_f32_lhs(xp, up, tl.zeros((xp.shape[0], BLOCK_N), dtype=ACC), PRECISION, UPCAST)
         keep = dropout_keep(seed, offs_m, pid_n * BLOCK_N, BLOCK_N, dropout_threshold)
-        acc += tl.where(keep, lora * dropout_scale, 0.0)
+        lora = lora * dropout_scale
+        if BASE_DROP_OUT:
+            lora += acc2
+        acc += tl.where(keep, lora, 0.0)
+    elif BASE_DROP_IN:
+        acc2 = acc2 * dropout_scale  # x_d Wt
+        rest = acc - acc2  # the base GEMM over the dropped elements, which c does not scale
+        acc = mma_f32_lhs(xp, up, acc2, PRECISION, UPCAST)
     else:
         acc = mma_f32_lhs(xp, up, acc, PRECISION, UPCAST)
     offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -137,6 +155,8 @@ def out_epilogue(
         tl.store(z_ptr + offs, to_output(acc, z_ptr.dtype.element_ty, UPCAST), mask=mask)
     if COL_SCALE:
         acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if BASE_DROP_IN:
+        acc += rest
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
     tl.store(out_ptr + offs, to_output(acc, out_ptr.dtype.element_ty, UPCAST), mask=mask)
@@ -144,10 +164,26 @@ def out_epilogue(
 
 @triton.jit
 def scaled_x(x, scale_ptr, offs_k, mask_k, UPCAST: tl.constexpr):
-    """DoRA's dx pass: the ``dY`` tile's columns times ``c`` (``dz = dY c``), rounded once to
-    the tile's dtype, so both dots of the K loop take ``dz``."""
+    """DoRA's dx pass: the ``dY`` tile's columns times ``c`` (``dz = dY c``; with dropout also
+    times ``f = (c - 1) / (1 - p)``), rounded once to the tile's dtype for the dots."""
     c = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
     return to_output(x.to(c.dtype) * c[None, :], x.dtype, UPCAST)
+
+
+@triton.jit
+def x_operands(
+    x, scale_ptr, offs_k, mask_k, X_SCALE: tl.constexpr, BASE_DROP_OUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The X tile as the base dot takes it and as the Down dot does: both ``x`` itself, or
+    with ``X_SCALE`` both ``x c`` (DoRA's dz); with ``BASE_DROP_OUT`` (DoRA's dropout dx) the
+    base dot takes ``dY`` unscaled, only the Down dot ``dY c``."""
+    xs = x
+    if X_SCALE:
+        xs = scaled_x(x, scale_ptr, offs_k, mask_k, UPCAST)
+        if not BASE_DROP_OUT:
+            x = xs
+    return x, xs
 
 
 @triton.jit(do_not_specialize=["seed", "dropout_threshold"])
@@ -164,6 +200,8 @@ def _lora_fwd_kernel(
     wc_ptr,  # FOUR_BIT: fp32 code table (16 entries)
     scale_ptr,  # DoRA's c (N or K,) ACC: output columns (COL_SCALE) or X's columns (X_SCALE)
     z_ptr,  # STORE_Z: (M, N), out's strides; else None
+    scale2_ptr,  # BASE_DROP_OUT: DoRA's f = (c - 1) / (1 - p) (K,) ACC, on X's columns; else None
+    xm_ptr,  # STORE_XM / BASE_DROP_IN: mask(X) (M, K) contiguous, X's dtype; else None
     # sizes
     M,
     N,
@@ -207,6 +245,9 @@ def _lora_fwd_kernel(
     COL_SCALE: tl.constexpr,  # DoRA forward: out = c * (X Wt + T Up) + b (see out_epilogue)
     STORE_Z: tl.constexpr,  # DoRA forward: also store z = X Wt + T Up
     X_SCALE: tl.constexpr,  # DoRA dx: X's tiles times c along K (dz = dY c)
+    BASE_DROP_IN: tl.constexpr,  # DoRA forward with dropout: also mask(X) Wt (out_epilogue)
+    BASE_DROP_OUT: tl.constexpr,  # DoRA dx with dropout: also (X f) Wt; c on the Down dot only
+    STORE_XM: tl.constexpr,  # DoRA's T-only pass: also store mask(X), read by BASE_DROP_IN
 ):
     # --- tile mapping: grouped order, so GROUP_M row-blocks share each Wt column-block in L2
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -222,9 +263,15 @@ def _lora_fwd_kernel(
     mask_r = offs_r < RANK
     # NOTE: int64 row offsets: M * K passes 2**31 for long sequences of wide layers.
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    if STORE_XM or BASE_DROP_IN:
+        xm_rows = xm_ptr + offs_m.to(tl.int64)[:, None] * K
 
-    # --- main loop: each X tile is loaded once and feeds both dots (T_IN: only the base GEMM)
+    # --- main loop: each X tile is loaded once and feeds both dots (T_IN: only the base GEMM);
+    # DoRA with dropout: a second base product on the same W tile (acc2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc2 = acc
+    if BASE_DROP_IN or BASE_DROP_OUT:
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     xp = tl.zeros((BLOCK_M, R), dtype=ACC)
     if FOUR_BIT:  # the flat index of the tile's first element (int64, as the x rows)
         w_first = (pid_n * BLOCK_N).to(tl.int64) * stride_wn
@@ -237,8 +284,7 @@ def _lora_fwd_kernel(
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
-        if X_SCALE:
-            x = scaled_x(x, scale_ptr, offs_k, mask_k, UPCAST)
+        x, xs = x_operands(x, scale_ptr, offs_k, mask_k, X_SCALE, BASE_DROP_OUT, UPCAST)
         if STORE_OUT:
             if FOUR_BIT:
                 # NOTE: the strides are W's, in elements of the flat 4-bit sequence; the tile is
@@ -262,6 +308,14 @@ def _lora_fwd_kernel(
                     other=0.0,
                 )
             acc = mma(x, w, acc, PRECISION, UPCAST)
+            if BASE_DROP_IN:
+                xm = tl.load(
+                    xm_rows + offs_k64[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+                )
+                acc2 = mma(xm, w, acc2, PRECISION, UPCAST)
+            if BASE_DROP_OUT:
+                acc2 = mma(scaled_x(x, scale2_ptr, offs_k, mask_k, UPCAST), w, acc2, PRECISION,
+                           UPCAST)  # fmt: skip
         if not T_IN:
             down = tl.load(
                 down_ptr + offs_k64[:, None] * stride_dk + offs_r[None, :] * stride_dr,
@@ -270,8 +324,11 @@ def _lora_fwd_kernel(
             )
             if DROPOUT_IN:
                 keep = dropout_keep(seed, offs_m, k0, BLOCK_K, dropout_threshold)
-                x = tl.where(keep, x, 0.0)
-            xp = mma(x, down, xp, PRECISION, UPCAST)
+                xs = tl.where(keep, xs, 0.0)
+                if STORE_XM:
+                    tl.store(xm_rows + offs_k64[None, :], xs,
+                             mask=mask_m[:, None] & mask_k[None, :])  # fmt: skip
+            xp = mma(xs, down, xp, PRECISION, UPCAST)
 
     # --- epilogue: T = s * drop_in(X) Down; out += s * drop_out(T Up) + b
     xp = t_epilogue(xp, t_ptr, offs_m, mask_m, stride_tm, stride_tr, RANK, pid_n, scaling,
@@ -283,11 +340,12 @@ def _lora_fwd_kernel(
             mask=mask_r[:, None] & mask_n[None, :],
             other=0.0,
         )
-        out_epilogue(acc, xp, up, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n,
+        out_epilogue(acc, acc2, xp, up, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n,
                      stride_om, stride_on, pid_n, seed, dropout_threshold, dropout_scale,
                      scale_ptr, z_ptr, HAS_BIAS=HAS_BIAS, DROPOUT_OUT=DROPOUT_OUT,
                      BLOCK_N=BLOCK_N, ACC=ACC, PRECISION=PRECISION, UPCAST=UPCAST,
-                     COL_SCALE=COL_SCALE, STORE_Z=STORE_Z)  # fmt: skip
+                     COL_SCALE=COL_SCALE, STORE_Z=STORE_Z, BASE_DROP_IN=BASE_DROP_IN,
+                     BASE_DROP_OUT=BASE_DROP_OUT)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["seed", "dropout_threshold"])
@@ -303,6 +361,9 @@ def _lora_fwd_tma_kernel(
     t_ptr,  # T (M, RANK) ACC; None without STORE_T or T_IN
     scale_ptr,  # DoRA's c, as the pointer kernel's
     z_ptr,  # STORE_Z: (M, N), out's strides; else None
+    scale2_ptr,  # BASE_DROP_OUT: DoRA's f, as the pointer kernel's
+    xm_desc,  # BASE_DROP_IN: mask(X) (M, K), block (BLOCK_M, BLOCK_K); else None
+    xm_ptr,  # STORE_XM: mask(X) (M, K) contiguous, stored through pointers; else None
     # sizes
     M,
     N,
@@ -340,6 +401,9 @@ def _lora_fwd_tma_kernel(
     COL_SCALE: tl.constexpr,
     STORE_Z: tl.constexpr,
     X_SCALE: tl.constexpr,
+    BASE_DROP_IN: tl.constexpr,
+    BASE_DROP_OUT: tl.constexpr,
+    STORE_XM: tl.constexpr,
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N) if STORE_OUT else 1
@@ -351,18 +415,25 @@ def _lora_fwd_tma_kernel(
 
         # --- main loop: one bulk copy per tile; each X tile feeds both dots
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        acc2 = acc
+        if BASE_DROP_IN or BASE_DROP_OUT:
+            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         xp = tl.zeros((BLOCK_M, R), dtype=ACC)
         for k0 in range(0, K, BLOCK_K):
             x = x_desc.load([pid_m * BLOCK_M, k0])
-            if X_SCALE:
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                x = scaled_x(x, scale_ptr, offs_k, offs_k < K, UPCAST)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x, xs = x_operands(x, scale_ptr, offs_k, offs_k < K, X_SCALE, BASE_DROP_OUT, UPCAST)
             if STORE_OUT:
                 if W_T:
                     w = tl.trans(w_desc.load([pid_n * BLOCK_N, k0]))
                 else:
                     w = w_desc.load([k0, pid_n * BLOCK_N])
                 acc = mma(x, w, acc, PRECISION, UPCAST)
+                if BASE_DROP_IN:
+                    acc2 = mma(xm_desc.load([pid_m * BLOCK_M, k0]), w, acc2, PRECISION, UPCAST)
+                if BASE_DROP_OUT:
+                    xf = scaled_x(x, scale2_ptr, offs_k, offs_k < K, UPCAST)
+                    acc2 = mma(xf, w, acc2, PRECISION, UPCAST)
             if not T_IN:
                 if DOWN_T:
                     down = tl.trans(down_desc.load([0, k0]))
@@ -370,8 +441,12 @@ def _lora_fwd_tma_kernel(
                     down = down_desc.load([k0, 0])
                 if DROPOUT_IN:
                     keep = dropout_keep(seed, offs_m, k0, BLOCK_K, dropout_threshold)
-                    x = tl.where(keep, x, 0.0)
-                xp = mma(x, down, xp, PRECISION, UPCAST)
+                    xs = tl.where(keep, xs, 0.0)
+                    if STORE_XM:
+                        xm_offs = offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+                        tl.store(xm_ptr + xm_offs, xs,
+                                 mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])  # fmt: skip
+                xp = mma(xs, down, xp, PRECISION, UPCAST)
 
         # --- epilogue: the pointer kernel's (T, dropout, bias, one rounding, masked stores)
         mask_m = offs_m < M
@@ -383,11 +458,12 @@ def _lora_fwd_tma_kernel(
                 up = tl.trans(up_desc.load([pid_n * BLOCK_N, 0]))
             else:
                 up = up_desc.load([0, pid_n * BLOCK_N])
-            out_epilogue(acc, xp, up, bias_ptr, out_ptr, offs_m, offs_n, mask_m, offs_n < N,
-                         stride_om, stride_on, pid_n, seed, dropout_threshold, dropout_scale,
-                         scale_ptr, z_ptr, HAS_BIAS=HAS_BIAS, DROPOUT_OUT=DROPOUT_OUT,
-                         BLOCK_N=BLOCK_N, ACC=ACC, PRECISION=PRECISION, UPCAST=UPCAST,
-                         COL_SCALE=COL_SCALE, STORE_Z=STORE_Z)  # fmt: skip
+            out_epilogue(acc, acc2, xp, up, bias_ptr, out_ptr, offs_m, offs_n, mask_m,
+                         offs_n < N, stride_om, stride_on, pid_n, seed, dropout_threshold,
+                         dropout_scale, scale_ptr, z_ptr, HAS_BIAS=HAS_BIAS,
+                         DROPOUT_OUT=DROPOUT_OUT, BLOCK_N=BLOCK_N, ACC=ACC, PRECISION=PRECISION,
+                         UPCAST=UPCAST, COL_SCALE=COL_SCALE, STORE_Z=STORE_Z,
+                         BASE_DROP_IN=BASE_DROP_IN, BASE_DROP_OUT=BASE_DROP_OUT)  # fmt: skip
 
 
 def fused_mm(
@@ -413,6 +489,9 @@ def fused_mm(
     col_scale: torch.Tensor | None = None,
     x_scale: torch.Tensor | None = None,
     z_out: torch.Tensor | None = None,
+    xm_out: torch.Tensor | None = None,
+    xm_in: torch.Tensor | None = None,
+    x_scale2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """One launch of the fused kernel: ``x (M, K)``, ``wt (K, N)`` (a tensor, or a 4-bit
     ``quant.Packed``, dequantized in the K loop), ``lora_down (K, r)``, ``lora_up (r, N)`` (any
@@ -421,7 +500,13 @@ def fused_mm(
     T computed by an earlier ``store_out=False`` launch, read instead of recomputing ``X Down``
     (then nothing is stored into T). DoRA: ``col_scale`` ``(N,)`` scales the output's columns
     before the bias, ``z_out`` ``(M, N)`` (contiguous) receives the unscaled output, and
-    ``x_scale`` ``(K,)`` scales ``x``'s columns as they are loaded (both ACC dtype)."""
+    ``x_scale`` ``(K,)`` scales ``x``'s columns as they are loaded (both ACC dtype). DoRA with
+    dropout: the T-only launch also stores ``mask(x)`` (unscaled, exact) into ``xm_out``
+    (``(M, K)`` contiguous, x's dtype); the output launch reading it (``xm_in``, with ``t_in``
+    and ``col_scale``) takes ``mask(x) wt`` beside ``x wt`` on each W tile: ``y = x wt - x_d wt +
+    c z + b``, ``z = x_d wt + T up``. ``x_scale2`` ``(K,)`` (dx, with ``dropout_out``: ``f = (c -
+    1) / (1 - p)``) adds ``(x f) wt`` under the mask, ``x_scale`` then scaling only the Down
+    dot's ``x``."""
     (m, k), n, rank = x.shape, wt.shape[1], lora_down.shape[1]
     out = alloc((m, n), x.dtype, x.device) if store_out else None
     t = alloc((m, rank), acc_dtype(x.dtype), x.device) if store_t and t_in is None else None
@@ -442,13 +527,19 @@ def fused_mm(
         "COL_SCALE": col_scale is not None,
         "STORE_Z": z_out is not None,
         "X_SCALE": x_scale is not None,
+        "BASE_DROP_IN": xm_in is not None,
+        "BASE_DROP_OUT": x_scale2 is not None,
+        "STORE_XM": xm_out is not None,
         **{key: value for key, value in config.items() if key != "TMA"},
     }
     scalars = (scaling, keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p), seed)
     scale = col_scale if col_scale is not None else x_scale
     four_bit = isinstance(wt, quant.Packed)
-    if config.get("TMA") and not four_bit and supports(x, wt, lora_down, lora_up):
-        operands = (x, wt, bias, lora_down, lora_up, out, t_arg, scale, z_out)
+    xm = xm_out if xm_out is not None else xm_in
+    describe = (x, wt, lora_down, lora_up) + ((xm_in,) if xm_in is not None else ())
+    if config.get("TMA") and not four_bit and supports(*describe):
+        operands = (x, wt, bias, lora_down, lora_up, out, t_arg, scale, z_out, x_scale2, xm_in,
+                    xm_out)  # fmt: skip
         _launch_descriptors(name, operands, (m, n, k, rank), scalars, meta, num_sms)
         return out, t
     # A T-only launch reads no W (over a 4-bit one too: the 16-bit build serves).
@@ -462,7 +553,7 @@ def fused_mm(
     n_tiles = triton.cdiv(n, config["BLOCK_N"]) if store_out else 1
     grid = (triton.cdiv(m, config["BLOCK_M"]) * n_tiles,)
     args = (
-        x, w_arg, bias, lora_down, lora_up, out, t_arg, scales, code, scale, z_out,
+        x, w_arg, bias, lora_down, lora_up, out, t_arg, scales, code, scale, z_out, x_scale2, xm,
         m, n, k, rank,
         x.stride(0), x.stride(1),
         wt.stride(0), wt.stride(1),
@@ -480,18 +571,19 @@ def _launch_descriptors(name, operands, sizes, scalars, meta: dict, num_sms: int
     """``fused_mm``'s launch of ``_lora_fwd_tma_kernel``: the descriptors of ``X``, ``Wt``,
     ``Down`` and ``Up`` for the config's tiles, a persistent grid of at most ``num_sms``
     programs."""
-    x, wt, bias, lora_down, lora_up, out, t_arg, scale, z_out = operands
+    x, wt, bias, lora_down, lora_up, out, t_arg, scale, z_out, scale2, xm_in, xm_out = operands
     m, n, _, _ = sizes
     block_m, block_n, block_k, r = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], meta["R"]
     x_desc, _ = _descriptor(x, [block_m, block_k])
     w_desc, w_t = _descriptor(wt, [block_k, block_n])
     down_desc, down_t = _descriptor(lora_down, [block_k, r])
     up_desc, up_t = _descriptor(lora_up, [r, block_n])
+    xm_desc = None if xm_in is None else _descriptor(xm_in, [block_m, block_k])[0]
     tiles = triton.cdiv(m, block_m) * (triton.cdiv(n, block_n) if meta["STORE_OUT"] else 1)
     programs = min(num_sms, tiles)
     args = (
-        x_desc, w_desc, down_desc, up_desc, bias, out, t_arg, scale, z_out,
-        *sizes, programs,
+        x_desc, w_desc, down_desc, up_desc, bias, out, t_arg, scale, z_out, scale2, xm_desc,
+        xm_out, *sizes, programs,
         *_strides(out), *_strides(t_arg),
         *scalars,
     )  # fmt: skip
@@ -499,14 +591,14 @@ def _launch_descriptors(name, operands, sizes, scalars, meta: dict, num_sms: int
     launch(name, _lora_fwd_tma_kernel, (programs,), args, meta)
 
 
-def supports(x, wt, lora_down, lora_up) -> bool:
+def supports(x, wt, lora_down, lora_up, *more) -> bool:
     """Whether one ``fused_mm`` call can run on descriptors: Triton has them, ``x`` (after
     flattening) is row-major and TMA can describe it and each other operand (the transposed
-    views of dx included)."""
+    views of dx included; DoRA's ``mask(x)``, in ``more``)."""
     if TensorDescriptor is None:
         return False
     x_ok = describable(x)
-    others = (wt, lora_down, lora_up)
+    others = (wt, lora_down, lora_up, *more)
     return x_ok is not None and not x_ok[1] and all(describable(t) for t in others)
 
 
