@@ -17,9 +17,9 @@ short keeps what it measured. A stage whose estimated cost would take the run pa
    tables, the tuned layer, the torch path, peft and the frozen ``nn.Linear``; times, ratios,
    peak memory, and the targets beside them; and the fused kernels alone on the tables' plan
    (TMA descriptors on Hopper) against the same tiles on the pointer kernels.
-3. ``dora``: DoRA (issue 26). Correctness: ``dora_linear`` (dropout 0: the fused launch;
-   0.1: PyTorch ops) against the float64 DoRA oracle, output and the gradients of x, A, B and
-   the magnitude, bf16 / fp16 / fp32, ranks 16 and 64, odd shapes. Then the target shape,
+3. ``dora``: DoRA (issue 26). Correctness: ``dora_linear`` (fused launches) against the float64
+   oracle, output and the gradients of x, A, B and m, bf16 / fp16 / fp32, ranks 16 and 64,
+   dropout 0 and 0.1, odd shapes, the first also over a synthetic NF4 base. Then the target shape,
    forward + backward, dropout 0 and 0.1: our DoRA layer, ours without DoRA, peft's DoRA layer
    (same weights and magnitudes), peft's LoRA layer and ``nn.Linear``.
 4. ``qlora``: a 4-bit base's two strategies (``QLORA_TOKENS`` from 16 to 4096, K = N = 4096,
@@ -379,16 +379,17 @@ def stage_dora(
     precisions=None,
 ) -> dict:
     """DoRA's correctness cases, then its target-shape timings (module docstring)."""
-    # (bounds: LoRA's x 2; with dropout x 3 in 16 bits: where PyTorch ops run them, they round
-    # three terms apart)
+    # (bounds: LoRA's x 2, with dropout x 3 in 16 bits: PyTorch ops round three terms apart);
+    first = ((precisions or PRECISIONS)[0][0], ranks[0], check_shapes[0])  # also over NF4
     cases = [
-        {"precision": name, **check_dora_case(device, dt, bound, rank, p, lead, k, n)}
+        {"precision": name, **check_dora_case(device, dt, bound, rank, p, *case, nf4)}
         for name, dt, tf32, tol in precisions or PRECISIONS
         if not tf32
         for rank in ranks
         for p in dropouts
         for bound in [tol * (3.0 if p and dt != torch.float32 else 2.0)]
-        for lead, k, n in check_shapes
+        for case in check_shapes
+        for nf4 in ((False, True) if (name, rank, case) == first else (False,))
     ]
     m, k, n, r = shape
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ import zlib
 import torch
 from torch import nn
 
+from . import quant
 from .function import dora_linear, lora_linear
 from .reference import dora_linear_reference, relative_errors
 
@@ -84,16 +85,21 @@ def peft_layer(base: nn.Linear, layer, rank: int, dropout: float = 0.0):
     return peft_model
 
 
-def check_dora_case(device, dtype, tol, rank, p, lead, k, n) -> dict:
+def check_dora_case(device, dtype, tol, rank, p, lead, k, n, four_bit=False) -> dict:
     """One ``dora_linear`` call (``backend="auto"``) against the float64 DoRA oracle with the
     call's mask: the worst relative error of the output and of the gradients of x, lora_A,
-    lora_B and the magnitude, against ``tol``."""
+    lora_B and the magnitude, against ``tol``. ``four_bit``: over a synthetic NF4 weight
+    (``quant.synthetic_4bit``; the oracle on its dequantized values)."""
     gen = torch.Generator().manual_seed(zlib.crc32(repr((rank, p, lead, k, n)).encode()))
 
     def rand(*shape, std=1.0):
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(device, dtype)
 
     x, weight, bias = rand(*lead, k), rand(n, k, std=k**-0.5), rand(n)
+    values = weight
+    if four_bit:
+        weight = quant.synthetic_4bit(n, k, device, dtype, gen)
+        values = quant.dequantize(weight, dtype)
     lora_A, lora_B = rand(k, rank, std=k**-0.5), rand(rank, n, std=rank**-0.5)
     magnitude = (torch.rand(n, generator=gen, dtype=torch.float64) + 0.5).to(device, dtype)
     leaves = [x, lora_A, lora_B, magnitude]
@@ -106,7 +112,7 @@ def check_dora_case(device, dtype, tol, rank, p, lead, k, n) -> dict:
     mask = drawn_mask(rows, k, p, 3, "auto", device).view(x.shape).double() if p else None
     refs = [t.detach().double().requires_grad_(True) for t in leaves]
     ref = dora_linear_reference(
-        refs[0], weight.double(), bias.double(), refs[1], refs[2], refs[3], 0.5,
+        refs[0], values.double(), bias.double(), refs[1], refs[2], refs[3], 0.5,
         dropout_mask=mask, dropout_p=p,
     )  # fmt: skip
     ref.backward(dy.double())
@@ -116,6 +122,7 @@ def check_dora_case(device, dtype, tol, rank, p, lead, k, n) -> dict:
     worst = max(errors.values())
     return {
         "dtype": str(dtype).removeprefix("torch."), "rank": rank, "dropout": p,
+        "base": "nf4" if four_bit else "16bit",
         "shape": [*lead, k, n], "errors": errors, "worst": worst, "tolerance": tol,
         "passed": worst <= tol,
     }  # fmt: skip

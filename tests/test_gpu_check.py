@@ -143,8 +143,9 @@ def test_every_stage_runs_and_writes_its_json(tmp_path, monkeypatch):
     assert "descriptors_vs_pointer" in target["ratios"]
 
     dora = json.loads((tmp_path / "out" / "dora.json").read_text())
-    # bf16 and fp32, dropout 0 and 0.1, two shapes, one rank
-    assert dora["failed"] == 0 and dora["passed"] == 8, dora["cases"]
+    # bf16 and fp32, dropout 0 and 0.1, two shapes, one rank; bf16's first shape over NF4 too
+    assert dora["failed"] == 0 and dora["passed"] == 10, dora["cases"]
+    assert sum(case["base"] == "nf4" for case in dora["cases"]) == 2
     for case in dora["cases"]:
         assert set(case["errors"]) == {"y", "dx", "dlora_A", "dlora_B", "dmagnitude"}
     for p in ("0.0", "0.1"):
