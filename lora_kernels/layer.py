@@ -250,10 +250,14 @@ class LoRALayer(nn.Module):
         self.reset_parameters()
         if use_dora:
             # peft's init: the merged weight's row norms (with B = 0, the base's: the layer
-            # starts equal to its linear)
-            norm = dora.weight_norm(
-                linear.weight, self.lora_A, self.lora_B, self.scaling, dtype=self._base_dtype()
-            )
+            # starts equal to its linear), from the whole weight where an engine has sharded it
+            # (ZeRO-3 under zero.Init, FSDP: a collective, as peft's own init gathers)
+            with engines.gathered(linear, {id(linear.weight)}):
+                weight = engines.whole(linear.weight)
+                engines.check_whole(weight, "LoRALayer(use_dora=True)")
+                norm = dora.weight_norm(
+                    weight, self.lora_A, self.lora_B, self.scaling, dtype=self._base_dtype()
+                )
             self.magnitude = nn.Parameter(norm.to(self.lora_A.dtype))
         self._dora_norm = None  # the norm a merge used (to unmerge with)
 

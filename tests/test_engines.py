@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 
 import pytest
@@ -63,14 +64,23 @@ def shard(t, rank):
 
 
 def build(how: str) -> nn.Module:
-    """The tiny Llama with LoRA on it: ``inject_lora`` or a peft model (patched or not)."""
-    if how == "inject":
-        return inject_lora(small_llama(), ["q_proj", "v_proj"], rank=4, alpha=8, init="gaussian")
+    """The tiny Llama with LoRA on it: ``inject_lora`` or a peft model (patched or not); a
+    ``_dora`` suffix: DoRA layers (``use_dora=True``)."""
+    return build_on(small_llama(), how)
+
+
+def build_on(base: nn.Module, how: str) -> nn.Module:
+    """``build``'s LoRA on the given tiny Llama."""
+    dora = how.endswith("_dora")
+    if how.startswith("inject"):
+        return inject_lora(base, ["q_proj", "v_proj"], rank=4, alpha=8, init="gaussian",
+                           use_dora=dora)  # fmt: skip
     config = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="gaussian"
-    )
-    model = peft.get_peft_model(small_llama(), config)
-    if how == "peft_patched":
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="gaussian",
+        use_dora=dora,
+    )  # fmt: skip
+    model = peft.get_peft_model(base, config)
+    if how.startswith("peft_patched"):
         patch_peft(model)
     return model
 
@@ -141,7 +151,7 @@ def _zero3_worker(rank, world, out_dir, how):
             if any(id(p) not in layer._external_params for p in reads)
         ]
         directory = os.path.join(out_dir, "adapter")
-        if how == "inject":
+        if how.startswith("inject"):
             save_peft_adapter(engine.module, directory)  # on every rank: it gathers
         else:  # peft's own save, as peft documents it under ZeRO-3
             with deepspeed.zero.GatheredParameters(trained, modifier_rank=None):
@@ -175,19 +185,22 @@ def _lora_layers(model):
             found[name] = (m, [m.linear.weight])
         elif isinstance(m, patch.PatchedLoRA):
             reads = [m.base_layer.weight, m.lora_A["default"].weight, m.lora_B["default"].weight]
+            if "default" in m.lora_magnitude_vector:  # DoRA's magnitude, read as an operand
+                reads.append(m.lora_magnitude_vector["default"].weight)
             found[name] = (m, reads)
     return found
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("how", ["inject", "peft_patched"])
+@pytest.mark.parametrize("how", ["inject", "peft_patched", "inject_dora", "peft_patched_dora"])
 def test_zero3_trains_and_saves_as_one_process(tmp_path, how):
     """DeepSpeed ZeRO-3 over 2 ranks (every parameter partitioned): the losses of 3 SGD steps
     equal one process's on the full batch, each layer's base weight (and a patched peft layer's
-    adapters) is an external parameter of the layer, no call falls back to peft, the adapter
-    saved on every rank is whole and equals the one process's trained adapter, peft loads it.
-    A layer called by itself first (outside the engine's forward) gives the one process's
-    output; its forward outside every hook gets an error naming ZeRO-3."""
+    adapters and DoRA magnitude) is an external parameter of the layer, no call falls back to
+    peft, the adapter saved on every rank is whole and equals the one process's trained adapter
+    (DoRA's magnitudes too), peft loads it. A layer called by itself first (outside the
+    engine's forward) gives the one process's output; its forward outside every hook gets an
+    error naming ZeRO-3."""
     run_workers(_zero3_worker, (how,), tmp_path, f"ZeRO-3 {how}", env=DS_ENV)
     losses, single = train_one_process(how)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
@@ -203,13 +216,67 @@ def test_zero3_trains_and_saves_as_one_process(tmp_path, how):
         assert "DeepSpeed ZeRO-3" in result["error"], result["error"]
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     want = adapters(single)
-    key = "base_model.model.{}.weight" if how == "inject" else "{}"
+    ours = how.startswith("inject")
+    key = "base_model.model.{}.weight" if ours else "{}"
+    assert len(saved) == len(want)
     for name, value in want.items():
-        # ours: <module>.lora_A (in, r); peft's: base_model.model.<module>.lora_A.default.weight
+        # ours: <module>.lora_A (in, r); peft's: base_model.model.<module>.lora_A.default.weight;
+        # DoRA's magnitude: <module>.magnitude / ...lora_magnitude_vector.default.weight, saved
+        # as peft's <module>.lora_magnitude_vector
         stored = key.format(name).replace(".default.", ".")
-        got = saved[stored].t() if how == "inject" else saved[stored]
+        stored = stored.replace(".magnitude.weight", ".lora_magnitude_vector")
+        stored = stored.replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")
+        got = saved[stored].t() if ours and value.dim() == 2 else saved[stored]
         assert_close(f"saved {stored}", got, value.double(), 1e-5)
     assert_loads_in_peft(tmp_path / "adapter", single)
+
+
+def _zero3_init_worker(rank, world, out_dir):
+    with gloo(rank, world, out_dir):
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=ZERO3):
+            model = small_llama()
+        base = model.model.layers[0].self_attn.q_proj.weight
+        partitioned = tuple(base.shape)  # (ZeRO-3's placeholder)
+        model = build_on(model, "inject_dora").train()
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
+        magnitudes = {n: m.magnitude.detach().clone() for n, m in layers.items()}
+        weights = [m.linear.weight for m in layers.values()]
+        with deepspeed.zero.GatheredParameters(weights, modifier_rank=None):
+            norms = {n: m.linear.weight.detach().norm(dim=1) for n, m in layers.items()}
+        trained = [p for p in model.parameters() if p.requires_grad]
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.SGD(trained, lr=LR), config=ZERO3
+        )
+        ids, losses = shard(llama_ids(), rank), []
+        for _ in range(STEPS):
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        result = {"partitioned": partitioned, "magnitudes": magnitudes, "norms": norms}
+        torch.save({**result, "losses": losses}, f"{out_dir}/rank{rank}.pt")
+    return engine
+
+
+@needs_deepspeed
+def test_dora_injected_into_a_model_built_under_zero3_init(tmp_path):
+    """A model built under ``deepspeed.zero.Init`` (its weights partitioned from the start, as
+    the Trainer's ZeRO-3 ``from_pretrained`` builds it): ``inject_lora(..., use_dora=True)``
+    gathers each base weight for the magnitude's init (peft's init: with ``B = 0`` the whole
+    weight's row norms, not the partition's), on every rank, and the engine trains it."""
+    run_workers(_zero3_init_worker, (), tmp_path, "ZeRO-3 zero.Init DoRA", env=DS_ENV)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+    assert all(r["partitioned"] == (0,) for r in results)
+    names = {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
+    for rank, result in enumerate(results):
+        assert result["magnitudes"].keys() == result["norms"].keys() >= names
+        for name, norm in result["norms"].items():
+            assert norm.shape == (64,) or norm.shape == (32,), name
+            assert_close(f"rank {rank}: {name}", result["magnitudes"][name], norm.double(), 1e-6)
+        losses = result["losses"]
+        assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
 
 
 def _trainer_worker(rank, world, out_dir, how):
