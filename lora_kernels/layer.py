@@ -48,7 +48,11 @@ def lora_forward(
     raises an error that names the engine."""
     if engines.fsdp_unit(base):
         if magnitude is not None:
-            raise ValueError("DoRA over a base that is an FSDP unit of its own: not supported")
+            raise ValueError(
+                "DoRA over a base linear that is an FSDP unit of its own is not supported (its "
+                "weight is whole only inside its own forward; DoRA's norm reads it): wrap the "
+                "LoRA layer, or a module above it, as the unit instead"
+            )
         return _lora_over_unit(base, x, lora_A, lora_B, scaling, dropout_p)
     weight, bias = base.weight, base.bias
     if owner is not None:

@@ -390,8 +390,11 @@ def _fsdp1_worker(rank, world, out_dir, x, y, how, unit):
     return model
 
 
-@pytest.mark.parametrize("unit", ["inner", "layer"])
-@pytest.mark.parametrize("how", ["inject", "peft_patched"])
+@pytest.mark.parametrize(
+    ("how", "unit"),
+    [("inject", "inner"), ("inject", "layer"), ("peft_patched", "inner"),
+     ("peft_patched", "layer"), ("peft_patched_dora", "layer")],
+)  # fmt: skip
 def test_fsdp1_gradients_equal_full_batch(tmp_path, how, unit):
     """FSDP1 (``use_orig_params=True``) over 2 ranks, with each base linear a unit of its own
     and with the layer as the unit: the adapters' gradients equal one process's on the full
@@ -407,7 +410,7 @@ def test_fsdp1_gradients_equal_full_batch(tmp_path, how, unit):
         nn.functional.mse_loss(single(x), y).backward()
         tol = 1e-6
     else:
-        single, ids = build("peft"), llama_ids()
+        single, ids = build("peft_dora" if how.endswith("_dora") else "peft"), llama_ids()
         single(input_ids=ids, labels=ids).loss.backward()
         tol = GRAD_TOL
     for rank in range(WORLD):

@@ -15,12 +15,12 @@ from torch.utils.checkpoint import checkpoint
 from lora_kernels import LoRALayer
 
 
-def small_model(dropout=0.0):
+def small_model(dropout=0.0, use_dora=False):
     torch.manual_seed(0)
     return nn.Sequential(
-        LoRALayer(16, 32, rank=4, alpha=8, init="seed", dropout=dropout),
+        LoRALayer(16, 32, rank=4, alpha=8, init="seed", dropout=dropout, use_dora=use_dora),
         nn.GELU(),
-        LoRALayer(32, 8, rank=2, init="seed", dropout=dropout),
+        LoRALayer(32, 8, rank=2, init="seed", dropout=dropout, use_dora=use_dora),
     )
 
 
@@ -121,6 +121,7 @@ def test_checkpoint_recomputes_the_same_dropout_mask(use_reentrant, backend):
 
 
 def _wrap(model, how):
+    how = how.removesuffix("_dora")
     if how == "ddp":
         return nn.parallel.DistributedDataParallel(model)
     from torch.distributed.fsdp import fully_shard
@@ -135,12 +136,18 @@ def _wrap(model, how):
 
 def _dist_worker(rank, world, out_dir, x, y, how):
     with gloo(rank, world, out_dir):
-        model = _wrap(small_model(), how)
+        model = _wrap(small_model(use_dora=how.endswith("_dora")), how)
         shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        if how == "fsdp2_inner_dora":  # refused, naming what to wrap instead
+            try:
+                model(x[shard])
+            except ValueError as e:
+                torch.save({"error": str(e)}, os.path.join(out_dir, f"rank{rank}.pt"))
+            return model
         nn.functional.mse_loss(model(x[shard]), y[shard]).backward()
-        params = (model.module if how == "ddp" else model).named_parameters()
+        params = (model.module if how.startswith("ddp") else model).named_parameters()
         # FSDP2 keeps each rank's shard of a gradient (a DTensor): gather the whole of it.
-        grads = {n: p.grad if p.grad is None or how == "ddp" else p.grad.full_tensor()
+        grads = {n: p.grad if p.grad is None or how.startswith("ddp") else p.grad.full_tensor()
                  for n, p in params}  # fmt: skip
         error = None
         if how == "fsdp2":  # a layer's forward without its unit's hooks: the weight is a shard
@@ -152,16 +159,24 @@ def _dist_worker(rank, world, out_dir, x, y, how):
     return model
 
 
-@pytest.mark.parametrize("how", ["ddp", "fsdp2", "fsdp2_inner"])
+@pytest.mark.parametrize(
+    "how", ["ddp", "fsdp2", "fsdp2_inner", "ddp_dora", "fsdp2_dora", "fsdp2_inner_dora"]
+)
 def test_data_parallel_gradients_equal_full_batch(tmp_path, how):
     """DistributedDataParallel and FSDP2 (``fully_shard``) over two ranks, FSDP2 also with each
     frozen linear a unit of its own inside its layer's (then called: it unshards only in its own
-    forward): each rank's LoRA gradients equal one process's full-batch gradients; frozen
-    weights get none."""
+    forward): each rank's LoRA gradients (DoRA layers': the magnitudes' too) equal one
+    process's full-batch gradients; frozen weights get none. DoRA over a linear that is a unit
+    of its own is refused with a ValueError saying what to wrap."""
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(12, 16, generator=gen), torch.randn(12, 8, generator=gen)
     run_workers(_dist_worker, (x, y, how), tmp_path, how)
-    single = small_model()
+    if how == "fsdp2_inner_dora":  # DoRA's norm reads W, whole only in the unit's own forward
+        for rank in range(WORLD):
+            error = torch.load(tmp_path / f"rank{rank}.pt")["error"]
+            assert "FSDP unit of its own" in error and "LoRA layer" in error, error
+        return
+    single = small_model(use_dora=how.endswith("_dora"))
     nn.functional.mse_loss(single(x), y).backward()
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")
