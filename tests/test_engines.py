@@ -319,22 +319,24 @@ class SaveAdapter(transformers.TrainerCallback):
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("how", ["inject", "peft_patched"])
+@pytest.mark.parametrize("how", ["inject", "peft_patched", "peft_patched_dora"])
 def test_zero3_trainer_checkpoint_loads_in_peft(tmp_path, how):
     """``Trainer(deepspeed=<ZeRO-3>)`` over 2 ranks: the checkpoint's adapter (peft's own with
-    ``patch_peft``; the documented callback's with ``inject_lora``) is whole, and peft reloads
-    it."""
+    ``patch_peft``, DoRA's magnitudes too; the documented callback's with ``inject_lora``) is
+    whole, and peft reloads it."""
     run_workers(_trainer_worker, (how,), tmp_path, f"Trainer ZeRO-3 {how}", env=DS_ENV)
     checkpoint = tmp_path / "run" / "checkpoint-2"
     directory = checkpoint / "adapter" if how == "inject" else checkpoint
     saved = load_file(directory / "adapter_model.safetensors")
     fresh = build(how)
-    assert saved and all(v.dim() == 2 and v.numel() > 0 for v in saved.values())
+    # (A and B 2-D, DoRA's magnitudes 1-D: none the (0,) of a partition)
+    assert saved and all(v.dim() == ("magnitude" not in k) + 1 and v.numel() > 0
+                         for k, v in saved.items())  # fmt: skip
     for rank in range(WORLD):
         assert torch.load(tmp_path / f"rank{rank}.pt") == {}, "calls ran peft's forward"
     loaded = peft.PeftModel.from_pretrained(small_llama(), str(directory))
     trained = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
-    assert len(trained) == 2 * len(_lora_layers(fresh))
+    assert len(trained) == (3 if how.endswith("_dora") else 2) * len(_lora_layers(fresh))
     moved = [n for n, p in trained.items() if "lora_B" in n and p.abs().sum() > 0]
     assert moved, "the reloaded adapter is the untrained one (lora_B all zero)"
 
