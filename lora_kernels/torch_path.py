@@ -312,7 +312,8 @@ def dora_dropout_backward(dy, x, weight, lora_A, lora_B, S, U, c, norm, scaling,
         dm = (through_u + scaling * (B.to(acc) * G.to(acc)).sum(0)) / norm.to(acc)
     if need_x or need_a:
         dS = (dy @ (B * cs).t()).mul_(keep_scale)
-        W_c = weight * ((c - 1) * keep_scale).to(dtype)[:, None]  # (N, K), W's size
+        # (N, K), W's size: only for dx (dA alone reads neither W nor it)
+        W_c = weight * ((c - 1) * keep_scale).to(dtype)[:, None] if need_x else None
         dx, da = _dropout_dx_da(dy, weight, dS, x, A, dropout_p, seed, need_x, need_a, W_c)
         if da is not None:
             da = da.to(adapter_dtype)
