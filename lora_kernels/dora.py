@@ -46,7 +46,7 @@ def _row_blocks(weight: torch.Tensor, acc: torch.dtype, dtype: torch.dtype | Non
     """``(i, j, W[i:j] in acc)`` over blocks of rows of ``weight`` (a 4-bit one decoded to
     ``dtype`` first)."""
     four_bit = quant.is_4bit(weight)
-    n, k = quant.shape(weight) if four_bit else weight.shape
+    n, k = quant.base_shape(weight)
     rows = max(1, BLOCK_ELEMS // max(k, 1))
     for i in range(0, n, rows):
         j = min(i + rows, n)
@@ -54,16 +54,12 @@ def _row_blocks(weight: torch.Tensor, acc: torch.dtype, dtype: torch.dtype | Non
         yield i, j, w.to(acc)
 
 
-def _rows(weight: torch.Tensor) -> int:
-    return quant.shape(weight)[0] if quant.is_4bit(weight) else weight.shape[0]
-
-
 def base_row_norms_sq(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``||W_j||^2`` for each output row of ``weight`` ``(N, K)``, in the accumulation dtype;
     ``dtype``: what a 4-bit ``weight`` is dequantized to (ignored otherwise)."""
     dtype = values_dtype(weight, dtype)
     acc = accumulation_dtype(dtype)
-    out = torch.empty(_rows(weight), dtype=acc, device=weight.device)
+    out = torch.empty(quant.base_shape(weight)[0], dtype=acc, device=weight.device)
     for i, j, w in _row_blocks(weight, acc, dtype):
         out[i:j] = (w * w).sum(dim=1)
     return out
@@ -120,7 +116,7 @@ def weight_norm(
     dtype = values_dtype(weight, dtype)
     acc = accumulation_dtype(torch.promote_types(dtype, lora_A.dtype))
     a, bt = lora_A.to(acc), lora_B.to(acc).t()  # (K, r), (N, r)
-    n = _rows(weight)
+    n = quant.base_shape(weight)[0]
     wa = torch.empty(n, a.shape[1], dtype=acc, device=weight.device)  # the one pass over W
     sq = None if base_sq is not None else torch.empty(n, dtype=acc, device=weight.device)
     for i, j, w in _row_blocks(weight, acc, dtype):

@@ -29,6 +29,11 @@ def keep_threshold(p: float) -> int:
     return min(int(p * 2**32), 2**32 - 1) - 2**31
 
 
+def seed_tensor(seed: int | torch.Tensor) -> torch.Tensor:
+    """A dropout seed as the custom ops take it: a 0-d int64 tensor (one given stays as it is)."""
+    return seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
+
+
 def _chunk_seed(seed: int, chunk: int) -> int:
     """splitmix64 of (seed, chunk): decorrelated 64-bit seeds for the chunks' generators."""
     z = (seed * 0x9E3779B97F4A7C15 + (chunk + 1) * 0xBF58476D1CE4E5B9) & _MASK64

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import dora, quant, torch_path, tune
+from .dropout import seed_tensor
 from .validation import SEED_LIMIT, validate
 
 
@@ -114,7 +115,7 @@ class LoRALinearFunction(torch.autograd.Function):
             seed = draw_seed()
 
         packed = weight if quant.is_4bit(weight) else None  # a parameter: read per use, not kept
-        n_out, k_in = quant.shape(weight) if packed is not None else weight.shape
+        n_out, k_in = quant.base_shape(weight)
         # reshape, not view: a copy only where x's strides can't be flattened. The rows are
         # counted, not -1: x may have no elements (K = 0), as nn.Linear takes.
         x2 = x.reshape(_rows(x.shape), k_in)
@@ -191,11 +192,6 @@ def _as_output(y2: torch.Tensor, out_shape) -> torch.Tensor:
     if y2.shape == out_shape:
         return y2
     return torch.ops.aten._unsafe_view(y2, out_shape)
-
-
-def _seed_tensor(seed) -> torch.Tensor:
-    """A dropout seed as the custom ops take it: a 0-d int64 tensor."""
-    return seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
 
 
 def _rows(shape) -> int:
@@ -356,7 +352,7 @@ class DoRALinearFunction(torch.autograd.Function):
 
             y2, S, z = triton_path.dora_forward_op(
                 x2, weight, bias, lora_A, lora_B, scaling, c, plan, need_lb or need_m, need_m,
-                dropout_p, _seed_tensor(seed) if dropout else None,
+                dropout_p, seed_tensor(seed) if dropout else None,
             )  # fmt: skip
         else:
             z, S = torch_path.forward(x2, weight, None, lora_A, lora_B, scaling, 0.0, 0)
@@ -413,7 +409,7 @@ class DoRALinearFunction(torch.autograd.Function):
         if ctx.plan is not None:  # (dm's sum from the dB launch's own dY tiles)
             from . import triton_path
 
-            seed = _seed_tensor(ctx.seed) if ctx.dropout_p > 0.0 else None
+            seed = seed_tensor(ctx.seed) if ctx.dropout_p > 0.0 else None
             grads = triton_path.dora_backward_op(
                 dy2, x2, weight, lora_A, lora_B, S, ctx.scaling, c, ctx.plan, list(needs), z,
                 ctx.dropout_p, seed,
@@ -482,7 +478,7 @@ def dora_linear(
     again where ``dx`` needs it. Nothing dense is kept between forward and backward.
     """
     four_bit = quant.is_4bit(weight)
-    n_out = quant.shape(weight)[0] if four_bit else weight.shape[0]
+    n_out = quant.base_shape(weight)[0]
     if not isinstance(magnitude, torch.Tensor) or magnitude.shape != (n_out,):
         shape = tuple(getattr(magnitude, "shape", ()))
         raise ValueError(f"magnitude must be a ({n_out},) tensor (one per output), got {shape}")

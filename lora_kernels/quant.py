@@ -93,6 +93,12 @@ def shape(weight: torch.Tensor) -> tuple[int, int]:
     return int(n), int(k)
 
 
+def base_shape(weight: torch.Tensor) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a base weight: a 16-bit one's own shape, a 4-bit
+    one's from its ``quant_state`` (its tensor holds the packed bytes)."""
+    return shape(weight) if is_4bit(weight) else tuple(weight.shape)
+
+
 def check(weight: torch.Tensor) -> None:
     """Refuse, naming what is wrong, 4-bit weights this module can't read."""
     state = weight.quant_state

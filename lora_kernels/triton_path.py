@@ -19,6 +19,7 @@ from typing import List  # noqa: UP035  (see backward_op)
 import torch
 
 from . import quant, roofline
+from .dropout import seed_tensor
 from .kernels import dequant
 from .kernels.common import acc_dtype, alloc
 from .kernels.configs import (
@@ -593,15 +594,11 @@ def _packed_weight(weight, w_scales, w_code, w_meta):
     return quant.packed_w(weight, w_scales, w_code, blocksize, n, k)
 
 
-def _seed_tensor(seed: int | torch.Tensor) -> torch.Tensor:
-    return seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
-
-
 def run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, plan: str, store_t):
     """``forward_op`` for W as ``base_weight`` gives it (a tensor, or a 4-bit ``quant.Packed``)
     and a seed that may be an int or a 0-d tensor: ``(y, T)``."""
     data, parts = _op_weight(weight)
-    args = (x, data, bias, lora_A, lora_B, scaling, dropout_p, _seed_tensor(seed), plan, store_t)
+    args = (x, data, bias, lora_A, lora_B, scaling, dropout_p, seed_tensor(seed), plan, store_t)
     return forward_op(*args, **parts)
 
 
@@ -609,5 +606,5 @@ def run_backward(dy, x, weight, lora_A, lora_B, T, scaling, dropout_p, seed, pla
     """``backward_op`` as ``run_forward`` calls ``forward_op``: ``[dx, dW, db, dA, dB]``, empty
     where ``needs`` says no."""
     data, parts = _op_weight(weight)
-    args = (dy, x, data, lora_A, lora_B, T, scaling, dropout_p, _seed_tensor(seed), plan)
+    args = (dy, x, data, lora_A, lora_B, T, scaling, dropout_p, seed_tensor(seed), plan)
     return backward_op(*args, list(needs), **parts)
