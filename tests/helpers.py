@@ -37,6 +37,19 @@ def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, rtol: float) -
     )
 
 
+def train_steps(params, loss, steps: int, lr: float) -> list[float]:
+    """``steps`` AdamW steps on ``params`` of the scalar ``loss()`` returns: the losses."""
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        value = loss()
+        value.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(value.item())
+    return losses
+
+
 def make_x(lead: tuple[int, ...], k: int, dtype: torch.dtype, layout: str, gen) -> torch.Tensor:
     """Input of shape ``(*lead, k)``: contiguous, or a non-contiguous view of a larger tensor."""
     # NOTE: cast first, then take the view: .to() of a view with gaps returns a contiguous copy.

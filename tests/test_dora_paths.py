@@ -45,9 +45,14 @@ def leaves_for(case, dtype, rank, device, gen):
     return {name: t.to(device).requires_grad_(True) for name, t in leaves.items()}
 
 
-def oracle(leaves, dy, scaling, mask=None, p=0.0):
+def oracle(leaves, dy, scaling, mask=None, p=0.0, weight=None):
+    """The float64 reference: its output and each leaf's gradient. ``weight``: the base's
+    values when they are not a leaf (a 4-bit base's, dequantized)."""
     ref = {name: t.detach().double().requires_grad_(True) for name, t in leaves.items()}
-    y = dora_linear_reference(*ref.values(), scaling, dropout_mask=mask, dropout_p=p)
+    args = {**ref, "weight": weight.double()} if weight is not None else ref
+    y = dora_linear_reference(
+        *(args[name] for name in NAMES), scaling, dropout_mask=mask, dropout_p=p
+    )
     y.backward(dy.double())
     return y, {name: t.grad for name, t in ref.items()}
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import BACKEND_DEVICE as DEVICE
 from helpers import BACKEND_TOL as TOL
-from helpers import assert_close, make_x, read_mask, seed_for
-from test_dora_paths import EXTRA
+from helpers import assert_close, make_x, read_mask, seed_for, train_steps
+from test_dora_paths import EXTRA, oracle
 from test_quant import bnb_dequantize, linear4bit, quantized
 from torch import nn
 
@@ -26,7 +26,6 @@ from lora_kernels import (
 )
 from lora_kernels.function import dora_linear
 from lora_kernels.kernels import dequant
-from lora_kernels.reference import dora_linear_reference
 
 bnb = pytest.importorskip("bitsandbytes")
 NAMES = ("x", "bias", "lora_A", "lora_B", "magnitude")
@@ -37,17 +36,6 @@ def eager_bitsandbytes():
     """(as in test_quant: bitsandbytes' portable kernels run eagerly, no compile per shape)"""
     with torch._dynamo.config.patch(disable=True):
         yield
-
-
-def oracle(leaves, w, dy, scaling, mask=None, p=0.0):
-    """The float64 reference on the dequantized ``w``: its output and every leaf's gradient."""
-    ref = {name: t.detach().double().requires_grad_(True) for name, t in leaves.items()}
-    y = dora_linear_reference(
-        ref["x"], w.double(), ref["bias"], ref["lora_A"], ref["lora_B"], ref["magnitude"],
-        scaling, dropout_mask=mask, dropout_p=p,
-    )  # fmt: skip
-    y.backward(dy.double())
-    return y, {name: t.grad for name, t in ref.items()}
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -90,7 +78,8 @@ def test_qdora_equals_the_oracle(backend, dtype, rank, p, monkeypatch):
     mask = None
     if p:  # the mask this backend draws (the Triton path's fused dropout launches: theirs)
         mask = read_mask(y[..., 0].numel(), k, p, seed, backend).view(leaves["x"].shape)
-    y_ref, grads = oracle(leaves, w, dy, scaling, None if mask is None else mask.double(), p)
+    mask = None if mask is None else mask.double()
+    y_ref, grads = oracle(leaves, dy, scaling, mask, p, weight=w)
     tol = TOL[backend][dtype] * (EXTRA[p] if dtype.itemsize == 2 else 1.0)
     assert_close("y", y, y_ref, tol)
     for name in NAMES:
@@ -258,7 +247,7 @@ def test_bfloat16_compute_is_within_rounding_of_the_oracle():
     w = quant.dequantize(mine.linear.weight, torch.bfloat16)
     leaves = {"x": x, "bias": mine.linear.bias.bfloat16(), "lora_A": mine.lora_A,
               "lora_B": mine.lora_B, "magnitude": mine.magnitude}  # fmt: skip
-    y_ref, ref = oracle(leaves, w, dy, mine.scaling)
+    y_ref, ref = oracle(leaves, dy, mine.scaling, weight=w)
     tol = TOL["torch"][torch.bfloat16] * EXTRA[0.0]
     assert_close("y", y, y_ref, tol)
     assert_close("peft y", y_peft, y_ref, tol)
@@ -278,15 +267,8 @@ def test_adapter_files_round_trip_with_peft(tmp_path):
     inject_lora(model, ["proj"], rank=4, alpha=8, use_dora=True)
     params = [p for p in model.parameters() if p.requires_grad]
     assert len(params) == 3  # lora_A, lora_B, magnitude
-    opt = torch.optim.AdamW(params, lr=1e-2)
     x, target = torch.randn(16, 64), torch.randn(16, 24)
-    losses = []
-    for _ in range(5):
-        loss = (model(x) - target).square().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(params, lambda: (model(x) - target).square().mean(), 5, 1e-2)
     assert losses[-1] < losses[0] and torch.equal(model.proj.linear.weight.data, packed)
     save_peft_adapter(model, tmp_path / "ours")
     with torch.no_grad():
@@ -334,15 +316,12 @@ def test_4bit_minilm_under_peft_dora_patched(tmp_path):
     theirs.train()
     params = [p for p in theirs.parameters() if p.requires_grad]
     assert len(params) == 36  # A, B and the magnitude of 12 layers
-    opt = torch.optim.AdamW(params, lr=1e-3)
     target = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2))
-    losses = []
-    for _ in range(3):
-        loss = (theirs(**batch).last_hidden_state - target).square().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+
+    def loss():
+        return (theirs(**batch).last_hidden_state - target).square().mean()
+
+    losses = train_steps(params, loss, 3, 1e-3)
     assert losses[-1] < losses[0] and report.calls == fallbacks
     assert all(torch.equal(layer.base_layer.weight.data, w) for layer, w in zip(layers, packed))
 

@@ -18,6 +18,7 @@ from helpers import (
     assert_matches_eager,
     read_mask,
     reference_with_grads,
+    train_steps,
 )
 from torch import nn
 
@@ -478,15 +479,8 @@ def test_inject_lora_on_a_4bit_model_trains():
     assert set(layers) == {"0", "2"}
     params = [p for p in model.parameters() if p.requires_grad]
     assert len(params) == 4 and all(p.dtype == torch.float32 for p in params)
-    opt = torch.optim.AdamW(params, lr=1e-2)
     x, target = torch.randn(16, 32), torch.randn(16, 8)
-    losses = []
-    for _ in range(5):
-        loss = (model(x) - target).square().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(params, lambda: (model(x) - target).square().mean(), 5, 1e-2)
     assert losses[-1] < losses[0]
     after = [bytes(layers[n].linear.weight.data.numpy().tobytes()) for n in ("0", "2")]
     assert after == packed  # the 4-bit base never changes
@@ -606,15 +600,12 @@ def test_4bit_minilm_from_peft_round_trip_and_training(tmp_path):
     packed = {n: layer.linear.weight.data.clone() for n, layer in layers.items()}
     ours.train()
     params = [p for p in ours.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
     target = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2))
-    losses = []
-    for _ in range(3):
-        loss = (ours(**batch).last_hidden_state - target).square().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+
+    def loss():
+        return (ours(**batch).last_hidden_state - target).square().mean()
+
+    losses = train_steps(params, loss, 3, 1e-3)
     assert losses[-1] < losses[0]
     assert all(torch.equal(layers[n].linear.weight.data, w) for n, w in packed.items())
 
